@@ -1,0 +1,225 @@
+"""Backbones for IMM: the DDPM++ U-Net of the paper's CIFAR-10 setting, and a residual MLP for 2-D data.
+
+Nothing here knows IMM (that is imm.py). Every network keeps one contract:
+    net(x, c_noise_t, c_noise_s, labels=None) -> tensor shaped like x
+where c_noise_t = 1000 t and c_noise_s = 1000 s (or 1000 (t - s)) are [B] floats, and labels are ints in
+[0, num_classes], the value num_classes being the null class (label dropout, classifier-free guidance).
+Each time condition gets its own sinusoidal embedding and its own 2-layer MLP; the two embeddings and the
+class embedding are added (paper App. I.1). Output layers start at zero (as EDM/DiT), so at initialisation
+f_{s,t}(x_t) = c_skip(s,t) x_t: the DDIM jump of a zero prediction.
+
+    import model
+    net = model.build_net(model.PRESETS['ddpmpp'])      # paper's CIFAR-10 net, 55.9M parameters
+    net = model.build_net({**model.PRESETS['tiny'], 'num_classes': 10})
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {
+    # DDPM++ as in the paper's CIFAR-10 run (spec section 7; EDM's SongUNet 'ddpmpp' layout).
+    'ddpmpp': dict(arch='unet', img_resolution=32, in_channels=3, model_channels=128, channel_mult=[2, 2, 2],
+                   num_blocks=4, attn_resolutions=[16], dropout=0.2, num_classes=0),
+    # The same layout, small enough for CPU tests (two levels, one block each).
+    'tiny': dict(arch='unet', img_resolution=32, in_channels=3, model_channels=16, channel_mult=[1, 2],
+                 num_blocks=1, attn_resolutions=[16], dropout=0.0, num_classes=0),
+    # 2-D toys.
+    'mlp': dict(arch='mlp', dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0),
+}
+
+
+def build_net(config):
+    """The network described by config = {'arch': 'unet' | 'mlp', **constructor arguments} (net.config)."""
+    archs = {'unet': UNet, 'mlp': MLP}
+    config = dict(config)
+    arch = config.pop('arch', None)
+    if arch not in archs:
+        raise ValueError(f"network arch {arch!r} is not known; accepted: {', '.join(archs)}")
+    return archs[arch](**config)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of a noise condition followed by its own 2-layer MLP (App. I.1)."""
+
+    def __init__(self, freq_channels, emb_channels, max_period=10000):
+        super().__init__()
+        half = freq_channels // 2
+        self.register_buffer('freqs', max_period ** (-torch.arange(half, dtype=torch.float32) / (half - 1)),
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_channels, emb_channels), nn.SiLU(),
+                                 nn.Linear(emb_channels, emb_channels))
+
+    def forward(self, c_noise):
+        angles = c_noise.float()[:, None] * self.freqs[None]
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+
+
+class Conditioning(nn.Module):
+    """emb = MLP_t(c_noise_t) + MLP_s(c_noise_s) + class embedding (App. I.1)."""
+
+    def __init__(self, freq_channels, emb_channels, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_t = TimeEmbedding(freq_channels, emb_channels)
+        self.embed_s = TimeEmbedding(freq_channels, emb_channels)
+        # One row per class plus the null class; zero at init, so labels start with no effect.
+        self.embed_label = nn.Embedding(num_classes + 1, emb_channels) if num_classes else None
+        if self.embed_label is not None:
+            nn.init.zeros_(self.embed_label.weight)
+
+    def forward(self, c_noise_t, c_noise_s, labels):
+        emb = self.embed_t(c_noise_t) + self.embed_s(c_noise_s)
+        if self.embed_label is not None:
+            if labels is None:  # unconditional use of a conditional net = the null class
+                labels = torch.full_like(c_noise_t, self.num_classes, dtype=torch.long)
+            emb = emb + self.embed_label(labels)
+        elif labels is not None:
+            raise ValueError('labels were given to an unconditional net (num_classes=0); '
+                             'build it with num_classes > 0 for class-conditional use')
+        return F.silu(emb)
+
+
+def _scale_init(layer, scale):
+    """Shrink a layer's initial weights (scale 0 zeroes it), EDM-style, so a residual branch starts near zero."""
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        layer.bias.zero_()
+    return layer
+
+
+def _group_norm(channels):
+    return nn.GroupNorm(num_groups=min(32, channels // 4), num_channels=channels, eps=1e-5)
+
+
+class UNetBlock(nn.Module):
+    """DDPM++ residual block: GN-SiLU-conv, add the embedding, GN-SiLU-dropout-conv, skip; optional up/down
+    (nearest / 2x2 average) and single-head self-attention. Sums are scaled by sqrt(0.5) (EDM skip scale)."""
+
+    def __init__(self, in_ch, out_ch, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_ch, self.up, self.down = in_ch, up, down
+        self.skip_scale = math.sqrt(0.5)
+        self.norm0 = _group_norm(in_ch)
+        self.conv0 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.affine = nn.Linear(emb_ch, out_ch)
+        self.norm1 = _group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _scale_init(nn.Conv2d(out_ch, out_ch, 3, padding=1), 1e-5)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if (in_ch != out_ch or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(out_ch)
+            self.qkv = nn.Conv2d(out_ch, out_ch * 3, 1)
+            self.proj = _scale_init(nn.Conv2d(out_ch, out_ch, 1), 1e-5)
+
+    def resample(self, x):
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode='nearest')
+        if self.down:
+            return F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x, emb):
+        h = self.conv0(self.resample(F.silu(self.norm0(x))))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        h = self.conv1(self.dropout(h))
+        x = self.resample(x)
+        x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
+        if self.attention:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+            a = F.scaled_dot_product_attention(q, k, v)  # [B, 1 head, HW, C]
+            x = (x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))) * self.skip_scale
+        return x
+
+
+class UNet(nn.Module):
+    """DDPM++ U-Net (the paper's CIFAR-10 backbone, spec section 7) with IMM's second time condition."""
+
+    def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                 num_blocks=4, attn_resolutions=(16,), dropout=0.2, num_classes=0):
+        super().__init__()
+        self.config = dict(arch='unet', img_resolution=img_resolution, in_channels=in_channels,
+                           model_channels=model_channels, channel_mult=list(channel_mult), num_blocks=num_blocks,
+                           attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes)
+        self.num_classes = num_classes
+        emb_ch = model_channels * 4
+        self.cond = Conditioning(model_channels, emb_ch, num_classes)
+        block = dict(emb_ch=emb_ch, dropout=dropout)
+
+        # Encoder: a stem conv, then per level an optional downsampling block and num_blocks blocks.
+        self.enc = nn.ModuleList()
+        skip_channels = []
+        ch = model_channels
+        self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
+        skip_channels.append(ch)
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level > 0:
+                self.enc.append(UNetBlock(ch, ch, down=True, **block))
+                skip_channels.append(ch)
+            for _ in range(num_blocks):
+                self.enc.append(UNetBlock(ch, model_channels * mult, attention=res in attn_resolutions, **block))
+                ch = model_channels * mult
+                skip_channels.append(ch)
+
+        # Decoder: two blocks (one with attention) at the bottom, then per level num_blocks + 1 blocks that each
+        # take one encoder skip, and an upsampling block between levels.
+        self.dec = nn.ModuleList()
+        self.takes_skip = []
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec += [UNetBlock(ch, ch, attention=True, **block), UNetBlock(ch, ch, **block)]
+            else:
+                self.dec.append(UNetBlock(ch, ch, up=True, **block))
+            self.takes_skip += [False] * (1 if level < len(channel_mult) - 1 else 2)
+            for i in range(num_blocks + 1):
+                attention = i == num_blocks and res in attn_resolutions
+                self.dec.append(UNetBlock(ch + skip_channels.pop(), model_channels * mult,
+                                          attention=attention, **block))
+                ch = model_channels * mult
+                self.takes_skip.append(True)
+        self.out_norm = _group_norm(ch)
+        self.out_conv = _scale_init(nn.Conv2d(ch, in_channels, 3, padding=1), 0.0)
+
+    def forward(self, x, c_noise_t, c_noise_s, labels=None):
+        emb = self.cond(c_noise_t, c_noise_s, labels)
+        h = self.stem(x)
+        skips = [h]
+        for blk in self.enc:
+            h = blk(h, emb)
+            skips.append(h)
+        for blk, takes_skip in zip(self.dec, self.takes_skip):
+            if takes_skip:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = blk(h, emb)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+class MLP(nn.Module):
+    """Residual MLP for vector data [B, dim] (2-D toys), with the same contract as the U-Net."""
+
+    def __init__(self, dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0):
+        super().__init__()
+        self.config = dict(arch='mlp', dim=dim, hidden=hidden, depth=depth, dropout=dropout,
+                           num_classes=num_classes)
+        self.num_classes = num_classes
+        self.cond = Conditioning(hidden, hidden, num_classes)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm=nn.LayerNorm(hidden), emb=nn.Linear(hidden, hidden), fc1=nn.Linear(hidden, hidden * 2),
+            drop=nn.Dropout(dropout), fc2=_scale_init(nn.Linear(hidden * 2, hidden), 1e-5),
+        )) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(hidden)
+        self.out = _scale_init(nn.Linear(hidden, dim), 0.0)
+
+    def forward(self, x, c_noise_t, c_noise_s, labels=None):
+        emb = self.cond(c_noise_t, c_noise_s, labels)
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b.fc2(b.drop(F.silu(b.fc1(b.norm(h) + b.emb(emb)))))
+        return self.out(F.silu(self.out_norm(h)))
