@@ -525,9 +525,9 @@ def test_training_an_mlp_on_2d_data_lowers_the_loss_and_the_sample_distance():
     data both fall (the objective is learnable, at toy scale).
 
     The output layer starts random here, far from self-consistent. From the usual zero initialisation the loss
-    on a fixed batch barely moves (about 0.100 -> 0.095 over 600 steps, measured) while the samples improve as
-    much: it starts close to its floor, which the V-statistic's diagonal terms and the sharp kernel at small
-    t - s set and training cannot remove."""
+    on a fixed batch barely moves (measured: 0.0958 -> 0.0947 over 600 steps, batch 4096) while the samples
+    improve as much: it starts close to its floor, which the V-statistic's diagonal terms and the sharp kernel at
+    small t - s set and training cannot remove."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     cfg = imm.IMMConfig()
