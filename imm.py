@@ -58,7 +58,7 @@ class IMMConfig:
         check(0 < self.eps < self.T < 1, 'eps', f'0 < eps < T < 1 (T={self.T})')
         check(self.sigma_d > 0, 'sigma_d', 'a positive number')
         check(self.second_time in SECOND_TIMES, 'second_time', "'s' or 't-s'")
-        check(0 <= self.min_gap < self.T - self.eps, 'min_gap', f'0 <= min_gap < T - eps')
+        check(0 <= self.min_gap < self.T - self.eps, 'min_gap', '0 <= min_gap < T - eps')
 
 
 def _f64(v, like=None):
