@@ -1,0 +1,179 @@
+"""data.py as a specification: what each kind of dataset becomes, and how bad input is refused.
+
+CIFAR-10 is faked in its real on-disk format (python pickles in cifar-10-batches-py), so nothing is downloaded.
+"""
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repository root
+
+from data import SIGMA_D, TOYS, UsageError, decode, load_dataset, make_toy, save_image_grid, save_scatter  # noqa: E402
+
+
+def write_fake_cifar10(root, per_batch=4, seed=0):
+    """data_batch_1..5 and test_batch as CIFAR-10 ships them: dicts with b'data' uint8 [N, 3072] and b'labels'."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {b'data': rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b'labels': rng.integers(0, 10, per_batch).tolist(), b'batch_label': name.encode()}
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f)
+    return folder
+
+
+def test_cifar10_is_read_from_the_python_batches(tmp_path):
+    folder = write_fake_cifar10(tmp_path)
+    data = load_dataset('cifar10', data_dir=str(tmp_path))
+    assert data.kind == 'image' and data.x.dtype == torch.uint8 and data.x.shape == (20, 3, 32, 32)
+    assert data.labels.dtype == torch.int64 and data.labels.shape == (20,)
+    with open(folder / 'data_batch_1', 'rb') as f:
+        first = pickle.load(f, encoding='bytes')
+    # row-major 3072 = 3 planes of 32 x 32 (R, G, B), the layout CIFAR-10 documents
+    assert torch.equal(data.x[0], torch.from_numpy(first[b'data'][0].reshape(3, 32, 32)))
+    assert data.labels[:4].tolist() == first[b'labels']
+    assert data.num_classes == int(data.labels.max()) + 1
+
+
+def test_cifar10_can_be_resized(tmp_path):
+    write_fake_cifar10(tmp_path)
+    assert load_dataset('cifar10', data_dir=str(tmp_path), resolution=16).x.shape == (20, 3, 16, 16)
+
+
+def test_a_damaged_cifar10_batch_is_refused_by_name(tmp_path):
+    folder = write_fake_cifar10(tmp_path)
+    (folder / 'data_batch_3').write_bytes(b'not a pickle')
+    with pytest.raises(UsageError, match='data_batch_3'):
+        load_dataset('cifar10', data_dir=str(tmp_path))
+
+
+def test_toys_are_standardised_to_sigma_d_and_reproducible():
+    for name in TOYS:
+        data = load_dataset(name)
+        assert data.kind == 'vector' and data.x.dtype == torch.float32 and data.x.shape[1] == 2
+        assert torch.allclose(data.x.mean(0), torch.zeros(2), atol=1e-4)
+        assert torch.allclose(data.x.std(0), torch.full((2,), SIGMA_D), atol=1e-4)
+        assert data.num_classes > 0 and data.labels.shape == (len(data.x),)
+        assert torch.equal(data.x, load_dataset(name).x)
+
+
+def test_decode_undoes_the_standardisation():
+    data = load_dataset('moons')
+    points, _ = make_toy('moons', len(data.x))
+    assert np.allclose(decode(data.x, data), points, atol=1e-5)
+
+
+def test_decode_maps_images_to_uint8_nhwc():
+    data = load_dataset('moons')
+    data.kind = 'image'
+    x = torch.tensor([-1.0, 0.0, 1.0, 5.0]).reshape(1, 1, 2, 2)
+    out = decode(x, data)
+    assert out.dtype == np.uint8 and out.shape == (1, 2, 2, 1)
+    assert out.ravel().tolist() == [0, 128, 255, 255]  # x * 127.5 + 128, clipped (spec 6)
+
+
+def test_image_arrays_in_nhwc_nchw_and_grey_layouts(tmp_path):
+    nhwc = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / 'nhwc.npy', nhwc)
+    np.save(tmp_path / 'nchw.npy', nhwc.transpose(0, 3, 1, 2))
+    np.save(tmp_path / 'grey.npy', nhwc[..., 0])
+    a, b = load_dataset(str(tmp_path / 'nhwc.npy')), load_dataset(str(tmp_path / 'nchw.npy'))
+    assert a.kind == 'image' and a.x.shape == (5, 3, 8, 8) and torch.equal(a.x, b.x) and a.labels is None
+    assert load_dataset(str(tmp_path / 'grey.npy')).x.shape == (5, 1, 8, 8)
+
+
+def test_npz_with_labels_and_float_vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(3.0, 2.0, (100, 5)).astype(np.float32)
+    np.savez(tmp_path / 'v.npz', x=vectors, labels=np.arange(100) % 3)
+    data = load_dataset(str(tmp_path / 'v.npz'))
+    assert data.kind == 'vector' and data.x.shape == (100, 5) and data.num_classes == 3
+    assert torch.allclose(data.x.std(0, unbiased=False), torch.full((5,), SIGMA_D), atol=1e-5)
+    assert np.allclose(decode(data.x, data), vectors, atol=1e-4)
+
+
+@pytest.mark.parametrize('array, words', [
+    (np.zeros((4, 8, 8, 3), np.float32), 'float32 [4, 8, 8, 3]'),   # float images
+    (np.zeros((4, 3), np.int64), 'int64 [4, 3]'),                   # integer vectors
+    (np.zeros(7, np.float32), 'float32 [7]'),                       # no sample axis
+    (np.zeros((4, 8, 8, 5), np.uint8), 'uint8 [4, 8, 8, 5]'),       # no channel axis of 1 or 3
+    (np.zeros((0, 2), np.float32), 'empty'),
+])
+def test_arrays_of_the_wrong_shape_or_dtype_are_refused(tmp_path, array, words):
+    np.save(tmp_path / 'bad.npy', array)
+    with pytest.raises(UsageError, match='expected') as info:
+        load_dataset(str(tmp_path / 'bad.npy'))
+    assert words in str(info.value)
+
+
+def test_non_square_images_need_a_resolution(tmp_path):
+    np.save(tmp_path / 'wide.npy', np.zeros((2, 8, 12, 3), np.uint8))
+    with pytest.raises(UsageError, match='--resolution'):
+        load_dataset(str(tmp_path / 'wide.npy'))
+    assert load_dataset(str(tmp_path / 'wide.npy'), resolution=4).x.shape == (2, 3, 4, 4)
+
+
+def test_image_folder_is_cropped_resized_and_labelled_by_subfolder(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, sizes in (('cat', [(20, 10), (12, 12)]), ('dog', [(9, 30)])):
+        (tmp_path / cls).mkdir()
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / cls / f'{i}.png')
+    data = load_dataset(str(tmp_path), resolution=8)
+    assert data.kind == 'image' and data.x.shape == (3, 3, 8, 8) and data.x.dtype == torch.uint8
+    assert data.labels.tolist() == [0, 0, 1] and data.num_classes == 2
+
+
+def test_a_flat_image_folder_has_no_labels_and_needs_square_images_without_resolution(tmp_path):
+    Image.new('RGB', (6, 6), 'red').save(tmp_path / 'a.png')
+    Image.new('L', (6, 6), 9).save(tmp_path / 'b.jpg')
+    data = load_dataset(str(tmp_path))
+    assert data.x.shape == (2, 3, 6, 6) and data.labels is None and data.num_classes == 0
+    assert data.x[0, 0, 0, 0] == 255 and data.x[0, 1, 0, 0] == 0
+
+
+def test_unreadable_or_empty_folders_are_refused(tmp_path):
+    with pytest.raises(UsageError, match='holds no images'):
+        load_dataset(str(tmp_path))
+    (tmp_path / 'broken.png').write_bytes(b'not a png')
+    with pytest.raises(UsageError, match='broken.png'):
+        load_dataset(str(tmp_path), resolution=8)
+
+
+def test_unknown_names_and_missing_paths_name_the_value_and_what_is_accepted(tmp_path):
+    with pytest.raises(UsageError, match="unknown dataset 'mnist'.*cifar10.*moons"):
+        load_dataset('mnist')
+    missing = str(tmp_path / 'missing.npy')
+    with pytest.raises(UsageError, match='does not exist'):
+        load_dataset(missing)
+    (tmp_path / 'notes.txt').write_text('hello')
+    with pytest.raises(UsageError, match='neither a folder nor'):
+        load_dataset(str(tmp_path / 'notes.txt'))
+
+
+def test_save_image_grid_lays_images_out_in_a_square(tmp_path):
+    images = np.zeros((5, 4, 4, 3), np.uint8)
+    save_image_grid(images, tmp_path / 'grid.png')
+    with Image.open(tmp_path / 'grid.png') as grid:
+        assert grid.size == (3 * 5 + 1, 2 * 5 + 1) and grid.mode == 'RGB'  # 3 columns, 2 rows, 1-pixel borders
+    save_image_grid(images[..., :1], tmp_path / 'grey.png')
+    with Image.open(tmp_path / 'grey.png') as grid:
+        assert grid.mode == 'L'
+
+
+def test_save_scatter_draws_points_dark_on_white(tmp_path):
+    save_scatter(np.array([[0.0, 0.0]] * 10 + [[1.0, 1.0]]), tmp_path / 's.png', extent=(-2, 2), size=64)
+    with Image.open(tmp_path / 's.png') as picture:
+        pixels = np.asarray(picture)
+    assert pixels.shape == (64, 64) and pixels.min() == 0 and (pixels == 255).mean() > 0.99
+    # more points, darker; y grows upwards: the single point (1, 1) lies above and to the right of (0, 0)
+    (row0, col0), = np.argwhere(pixels == 0)
+    (row1, col1), = np.argwhere((pixels > 0) & (pixels < 255))
+    assert row1 < row0 and col1 > col0

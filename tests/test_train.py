@@ -1,0 +1,255 @@
+"""train.py as a specification: what a run writes, that resuming is exact, that ranks and micro-batches only
+split the work, and that bad input ends in one clear message with nothing damaged.
+
+Runs are tiny (a 32-wide MLP on a 2-D toy, a few steps on the CPU); most call train.main() in this process,
+a few run the script as a user would (Ctrl-C, torchrun, the error line).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
+
+import train  # noqa: E402
+from data import UsageError  # noqa: E402
+from imm import IMMConfig  # noqa: E402
+from model import build_net  # noqa: E402
+
+CHECKPOINT_KEYS = {'net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng'}
+
+
+def toy(out, *extra, iters=6):
+    """Flags of a tiny 2-D run writing into `out`."""
+    return ['--dataset', 'moons', '--iters', str(iters), '--batch', '32', '--channels', '32', '--out', str(out),
+            '--log-every', '2', '--ckpt-every', '3', '--sample-every', '0', '--device', 'cpu', *map(str, extra)]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def run_script(*args, timeout=300):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_toy_run_writes_checkpoint_log_and_pictures(tmp_path):
+    assert train.main(toy(tmp_path, '--sample-every', '3')) == 0
+    ckpt = load(tmp_path / 'ckpt.pt')
+    assert CHECKPOINT_KEYS <= set(ckpt) and ckpt['step'] == 6 and ckpt['scaler'] is None
+    assert ckpt['args']['dataset'] == 'moons' and ckpt['args']['iters'] == 6 and json.dumps(ckpt['args'])
+    assert ckpt['data'] == {'name': 'moons', 'kind': 'vector', 'shape': [2], 'num_classes': 2,
+                            'mean': ckpt['data']['mean'], 'std': ckpt['data']['std']}
+    assert len(ckpt['data']['mean']) == 2 and IMMConfig(**ckpt['imm_config']) == IMMConfig()
+    net = build_net(ckpt['net_config'])            # what sample.py does
+    net.load_state_dict(ckpt['ema'])
+    net.load_state_dict(ckpt['net'])
+    assert ckpt['net_config']['hidden'] == 32 and ckpt['net_config']['num_classes'] == 0
+    log = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [e['step'] for e in log] == [2, 4, 6]
+    assert {'loss', 'img_per_s', 'sec_per_step', 'eta_s'} <= set(log[0]) and all(np.isfinite(e['loss']) for e in log)
+    assert sorted(os.listdir(tmp_path / 'samples')) == ['0000003-1step.png', '0000003-2step.png',
+                                                          '0000006-1step.png', '0000006-2step.png']
+    assert (tmp_path / 'data.png').exists() and not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    flags = ['--dropout', '0.1', '--cond']                 # dropout masks and label dropout must replay too
+    assert train.main(toy(tmp_path / 'straight', *flags, iters=8)) == 0
+    assert train.main(toy(tmp_path / 'resumed', *flags, iters=5)) == 0
+    assert train.main(toy(tmp_path / 'resumed', *flags, '--resume', iters=8)) == 0
+    a, b = load(tmp_path / 'straight' / 'ckpt.pt'), load(tmp_path / 'resumed' / 'ckpt.pt')
+    assert a['step'] == b['step'] == 8
+    for key in ('net', 'ema'):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name}'
+    for i, state in a['opt']['state'].items():
+        for name, value in state.items():
+            assert torch.equal(value, b['opt']['state'][i][name]), f'opt.{i}.{name}'
+    # the log of the resumed run reads like the uninterrupted one
+    steps = [json.loads(line)['step'] for line in (tmp_path / 'resumed' / 'log.jsonl').read_text().splitlines()]
+    assert steps == [2, 4, 5, 6, 8]
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path):
+    train.main(toy(tmp_path / 'whole', iters=2))
+    train.main(toy(tmp_path / 'micro', '--micro-batch', '8', iters=2))
+    a, b = load(tmp_path / 'whole' / 'ckpt.pt')['net'], load(tmp_path / 'micro' / 'ckpt.pt')['net']
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_batch_is_drawn_from_shuffled_epochs_fixed_by_seed_and_step():
+    n, batch = 10, 4
+    stream = torch.cat([train.batch_rows(step, batch, n, 0, torch.device('cpu')) for step in range(5)])
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:20].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:20])        # a new order every epoch
+    assert torch.equal(train.batch_rows(3, batch, n, 0, torch.device('cpu')), stream[12:16])
+    assert not torch.equal(train.batch_rows(3, batch, n, 1, torch.device('cpu')), stream[12:16])
+
+
+def test_an_image_run_with_labels_in_bf16(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / 'images.npz', x=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+             labels=np.arange(16) % 2)
+    out = tmp_path / 'run'
+    args = ['--dataset', tmp_path / 'images.npz', '--model', 'tiny', '--iters', 2, '--batch', 8, '--cond',
+            '--precision', 'bf16', '--out', out, '--sample-every', 2, '--device', 'cpu']
+    assert train.main(list(map(str, args))) == 0
+    ckpt = load(out / 'ckpt.pt')
+    assert ckpt['net_config']['arch'] == 'unet' and ckpt['net_config']['img_resolution'] == 8
+    assert ckpt['net_config']['num_classes'] == 2 and ckpt['data']['shape'] == [3, 8, 8]
+    assert (out / 'samples' / '0000002-2step.png').exists()
+
+
+def test_fid_is_logged_and_the_best_checkpoint_kept(tmp_path, monkeypatch):
+    import fid
+    seen, scores = [], iter([5.0, 4.0, 3.0, 6.0])               # 1-step, 2-step at step 2, then at step 4
+
+    def fake_fid(generate, n, ref, net=None):
+        images = generate(3)
+        seen.append((images.dtype, tuple(images.shape), n))
+        return next(scores)
+    monkeypatch.setattr(fid, 'InceptionFeatures', lambda weights=None: torch.nn.Identity())
+    monkeypatch.setattr(fid, 'fid_of_sampler', fake_fid)
+    np.save(tmp_path / 'images.npy', np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(4), sigma=np.eye(4))
+    out = tmp_path / 'run'
+    args = ['--dataset', tmp_path / 'images.npy', '--model', 'tiny', '--iters', 4, '--batch', 8, '--out', out,
+            '--fid-every', 2, '--fid-n', 20, '--fid-ref', tmp_path / 'ref.npz', '--sample-every', 0, '--device', 'cpu']
+    assert train.main(list(map(str, args))) == 0
+    assert seen == [(torch.uint8, (3, 3, 8, 8), 20)] * 4
+    fids = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines() if 'fid_2step' in line]
+    assert [(e['step'], e['fid_1step'], e['fid_2step']) for e in fids] == [(2, 5.0, 4.0), (4, 3.0, 6.0)]
+    best = load(out / 'ckpt-best.pt')
+    assert best['step'] == 2 and best['best_fid'] == 4.0 and load(out / 'ckpt.pt')['best_fid'] == 4.0
+
+
+def test_fp16_keeps_its_grad_scaler_and_fm_loss_trains(tmp_path):
+    assert train.main(toy(tmp_path / 'fp16', '--precision', 'fp16', iters=2)) == 0
+    assert load(tmp_path / 'fp16' / 'ckpt.pt')['scaler']['scale'] > 0
+    assert train.main(toy(tmp_path / 'fm', '--loss', 'fm', iters=2)) == 0
+    assert load(tmp_path / 'fm' / 'ckpt.pt')['args']['loss'] == 'fm'
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = []
+    real_loss = train.imm_loss
+
+    def loss_that_explodes_at_step_5(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float('nan') if len(calls) == 5 else loss
+    monkeypatch.setattr(train, 'imm_loss', loss_that_explodes_at_step_5)
+    assert train.main(toy(tmp_path, iters=10)) == 1
+    err = capsys.readouterr().err
+    assert 'non-finite at step 5' in err and 'step 3' in err
+    assert load(tmp_path / 'ckpt.pt')['step'] == 3           # written at step 3, not at the bad step 6
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, capsys):
+    def broken_compile(net, **kwargs):
+        def call(*args, **kwargs):
+            raise RuntimeError('no C++ compiler found')
+        return call
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    assert train.main(toy(tmp_path, '--compile', iters=2)) == 0
+    assert 'warning: torch.compile failed (RuntimeError: no C++ compiler found); training without it' in capsys.readouterr().err
+
+
+def test_bench_prints_one_json_line(capsys):
+    assert train.main(['--dataset', 'moons', '--bench', '2', '--batch', '32', '--channels', '32', '--device', 'cpu']) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {'img_per_s', 'step_s', 'peak_mem_gb', 'tflops', 'mfu', 'fwd_gflops_per_sample'} <= set(result)
+    assert result['mfu'] is None and result['fwd_gflops_per_sample'] > 0
+
+
+# ---- bad input: one message naming the value and what is accepted; nothing written is damaged
+
+@pytest.mark.parametrize('flags, message', [
+    (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
+    (['--dataset', 'missing.npy'], "'missing.npy' does not exist"),
+    (['--batch', '30'], '--batch 30 must be divisible by M x ranks = 4 x 1'),
+    (['--micro-batch', '12'], '--micro-batch 12: accepted'),
+    (['--particles', '0'], '--particles 0 is not valid; accepted: an integer >= 1'),
+    (['--param', 'euler_fm', '--schedule', 'cosine'], "--param 'euler_fm' is not valid; accepted: 'euler_fm' only with"),
+    (['--ema', '1.5'], '--ema 1.5: accepted a number in [0, 1)'),
+    (['--model', 'tiny'], 'U-Net for images'),
+    (['--cond', '--dataset', 'flat.npy'], 'has no labels'),
+    (['--iters', '-1'], '--iters -1'),
+])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / 'flat.npy', np.zeros((8, 2), np.float32) + np.arange(2))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        train.main(toy(tmp_path / 'run') + flags)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_wrong_arrays_are_refused(tmp_path):
+    np.save(tmp_path / 'bad.npy', np.zeros((8, 4, 4), np.float64))
+    with pytest.raises(UsageError, match=r'float64 \[8, 4, 4\]; expected'):
+        train.main(toy(tmp_path / 'run') + ['--dataset', str(tmp_path / 'bad.npy')])
+
+
+def test_a_checkpoint_of_another_config_or_a_corrupt_one_is_refused_untouched(tmp_path):
+    out = tmp_path / 'run'
+    train.main(toy(out, iters=3))
+    before = {p: p.read_bytes() for p in [out / 'ckpt.pt', out / 'log.jsonl']}
+    with pytest.raises(UsageError, match=r"net_config\.hidden: checkpoint 32, flags 64.*imm_config\.k"):
+        train.main(toy(out, '--resume', '--channels', '64', '--k', '12'))
+    with pytest.raises(UsageError, match='already holds a run.*--resume'):
+        train.main(toy(out))                                   # a new run would overwrite it
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'\x00' * 100)
+    with pytest.raises(UsageError, match="cannot read checkpoint .*corrupt.pt"):
+        train.main(toy(out, '--resume', corrupt))
+    with pytest.raises(UsageError, match="does not exist"):
+        train.main(toy(tmp_path / 'elsewhere', '--resume'))
+    assert all(p.read_bytes() == b for p, b in before.items()) and corrupt.read_bytes() == b'\x00' * 100
+
+
+def test_the_script_prints_one_error_line_without_traceback(tmp_path):
+    result = run_script('train.py', *toy(tmp_path / 'run'), '--dataset', 'nope')
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.startswith("error: unknown dataset 'nope'") and 'Traceback' not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_current_step(tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, 'train.py', *toy(tmp_path, iters=100_000), '--log-every', '1'],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                                   # wait until training runs
+        if line.startswith('step 2/'):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    step = load(tmp_path / 'ckpt.pt')['step']
+    assert 2 <= step < 100_000 and f'wrote {tmp_path}' in out and 'Traceback' not in err
+
+
+def test_torchrun_with_two_ranks_matches_one_process(tmp_path):
+    flags = ['--iters', '3', '--log-every', '1', '--ckpt-every', '3', '--sample-every', '0']
+    one = run_script('train.py', *toy(tmp_path / 'one'), *flags)
+    assert one.returncode == 0, one.stderr
+    two = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                     *toy(tmp_path / 'two'), *flags)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count('step 3/3') == 1                   # only rank 0 talks
+    a, b = load(tmp_path / 'one' / 'ckpt.pt'), load(tmp_path / 'two' / 'ckpt.pt')
+    # the same global batch, times and noise, split in halves: equal up to float summation order
+    assert all(torch.allclose(a['net'][k], b['net'][k], atol=1e-5) for k in a['net'])
+    loss = [[json.loads(line)['loss'] for line in (tmp_path / run / 'log.jsonl').read_text().splitlines()]
+            for run in ('one', 'two')]
+    assert np.allclose(loss[0], loss[1], rtol=1e-4)
