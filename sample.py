@@ -1,0 +1,309 @@
+"""
+Draw samples from a trained IMM checkpoint: a few applications of the one-step map f_{s,t}, from noise
+at t = T down to data at t = eps (paper Sec. 4.3, Algorithm 2; IMM-SPEC.md section 6).
+
+    python sample.py --steps 2                  # newest runs/*/ckpt.pt -> samples.npz + samples.png beside it
+    python sample.py --ckpt runs/cifar10/ckpt.pt --steps 1 --n 50000 --out fid/imm-1step.npz   # for FID
+    python sample.py --times 0.994,0.5833,0.006 # an explicit time grid instead of --steps
+    python sample.py --guidance 1.5 --class 3   # class-conditional checkpoints (CFG, Eq. 14)
+    python sample.py --bench --model ddpmpp --precision bf16 --compile   # speed only: prints one JSON line
+
+The .npz holds arr_0, uint8 images [N, H, W, C] (the layout the ADM/EDM evaluation tools read), and for
+class-conditional nets arr_1, int64 labels [N]; for vector data arr_0 is float32 [N, D] in the data's own
+units. Sample i's noise (and label) is the i-th draw from a generator seeded with --seed, so the first n
+samples are the same whatever --batch or --n is (only the re-noising of --restart depends on --batch).
+"""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from data import decode, save_image_grid, save_scatter
+from imm import IMMConfig, sample, sampling_times
+from model import PRESETS, build_net
+
+GRID = 64  # images shown in the PNG; all samples go to the .npz
+REQUIRED = ['net', 'ema', 'net_config', 'imm_config', 'data', 'args']  # checkpoint keys sample.py reads
+DATA_KEYS = ['name', 'kind', 'shape', 'mean', 'std']
+
+
+class SampleError(Exception):
+    """A bad input: main() prints it as one `error: ...` line and exits with status 2."""
+
+
+def newest_checkpoint(root='runs'):
+    # ckpt-best.pt is only used when named with --ckpt: "newest" means the latest training state
+    paths = glob.glob(os.path.join(root, '*', 'ckpt.pt'))
+    if not paths:
+        raise SampleError(f'no checkpoint under {root}/ (looked for {root}/*/ckpt.pt); '
+                          'train one with `python train.py --dataset moons` or pass --ckpt')
+    return max(paths, key=os.path.getmtime)
+
+
+def load_checkpoint(path, raw):
+    """Read a train.py checkpoint; return (net with the EMA or raw weights, IMMConfig, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise SampleError(f'--ckpt {path}: no such file; pass a ckpt.pt written by train.py')
+    try:  # everything in our checkpoints is tensors and plain Python values, so the safe loader reads them
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e).strip().split('. ')[0]}"
+        raise SampleError(f'cannot read checkpoint {path} ({reason}); the file is corrupt or was not '
+                          'written by train.py') from None
+    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    missing += [f"data['{k}']" for k in DATA_KEYS if not missing and k not in ckpt['data']]
+    if missing:
+        raise SampleError(f'checkpoint {path} lacks {missing}; a train.py checkpoint holds {REQUIRED}, '
+                          f'its data entry {DATA_KEYS}')
+    try:
+        net = build_net(ckpt['net_config'])
+        cfg = IMMConfig(**ckpt['imm_config'])
+    except (TypeError, ValueError, KeyError) as e:
+        raise SampleError(f'checkpoint {path}: cannot rebuild its network or IMM config ({e}); '
+                          'was it written by another version of model.py / imm.py?') from None
+    key = 'net' if raw else 'ema'
+    weights = ckpt[key]
+    if not isinstance(weights, dict):
+        raise SampleError(f"checkpoint {path}: ckpt['{key}'] is {type(weights).__name__}, not a state dict"
+                          + ('' if raw else '; pass --raw to use the training weights'))
+    expected = net.state_dict()
+    problems = [f'missing {k}' for k in expected if k not in weights]
+    problems += [f'unexpected {k}' for k in weights if k not in expected]
+    problems += [f'{k} is {list(weights[k].shape)}, the net wants {list(v.shape)}'
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if problems:
+        more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+        raise SampleError(f"checkpoint {path}: ckpt['{key}'] does not fit the network its net_config "
+                          f"{ckpt['net_config']} builds: {'; '.join(problems[:3])}{more}")
+    net.load_state_dict(weights)
+    return net, cfg, ckpt
+
+
+def parse_times(text, cfg):
+    """--times: strictly decreasing, inside [eps, T], the range the network was trained on (Sec. 4.2)."""
+    try:
+        times = [float(v) for v in text.split(',')]
+    except ValueError:
+        times = []
+    if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:])) \
+            or not all(cfg.eps <= t <= cfg.T for t in times):
+        raise SampleError(f'--times {text}: give two or more comma-separated times, strictly decreasing, '
+                          f'within [eps, T] = [{cfg.eps}, {cfg.T}], e.g. {cfg.T},{cfg.eps}')
+    return times
+
+
+def prepare(net, device, args):
+    """Eval mode on the device; channels_last and torch.compile where asked (they change speed, not results)."""
+    net = net.eval().to(device)
+    if device.type == 'cuda' and net.config['arch'] == 'unet':
+        net = net.to(memory_format=torch.channels_last)
+    return torch.compile(net) if args.compile else net
+
+
+def draw_inputs(generator, count, shape, num_classes, sigma_d):
+    """Noise x_T ~ N(0, sigma_d^2 I) and a label per sample, drawn sample by sample, so that sample i's
+    draws depend on the seed and i only (one batched draw would depend on the batch size)."""
+    noise, labels = [], []
+    for _ in range(count):
+        noise.append(torch.randn(shape, generator=generator) * sigma_d)
+        if num_classes:  # drawn even under --class, so that --class changes the labels and not the noise
+            labels.append(torch.randint(num_classes, (), generator=generator))
+    return torch.stack(noise), torch.stack(labels) if num_classes else None
+
+
+def write_atomically(path, write):
+    """write(tmp), then rename tmp onto path: an interrupted run leaves the old file (or none), never half a file."""
+    root, ext = os.path.splitext(path)
+    tmp = f'{root}.tmp{os.getpid()}{ext}'  # keeps the extension: np.savez and PIL look at it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def generate(net, cfg, times, data, n, fm, device, autocast, args):
+    """n samples, batch by batch, decoded: {'arr_0': uint8 NHWC images or float32 [n, D] vectors,
+    'arr_1': int64 labels of a class-conditional net}."""
+    num_classes, shape = net.num_classes, list(data['shape'])
+    as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float32)
+    units = SimpleNamespace(kind=data['kind'], mean=as_tensor(data['mean']), std=as_tensor(data['std']))  # for decode
+    net = prepare(net, device, args)
+    noise_generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise on every device
+    restart_generator = torch.Generator(device).manual_seed(args.seed + 1) if args.restart else None
+    samples, labels_all, start = [], [], time.perf_counter()
+    for done in range(0, n, args.batch):
+        count = min(args.batch, n - done)
+        noise, labels = draw_inputs(noise_generator, count, shape, num_classes, cfg.sigma_d)
+        if labels is not None and args.class_label is not None:
+            labels.fill_(args.class_label)
+        noise = noise.to(device)
+        if noise.dim() == 4 and device.type == 'cuda':
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            x = sample(net, noise, times, cfg, labels=None if labels is None else labels.to(device),
+                       guidance=args.guidance, restart=args.restart, generator=restart_generator, denoiser=fm)
+        samples.append(decode(x, units))  # uint8 NHWC images, or vectors with the standardisation undone
+        if labels is not None:
+            labels_all.append(labels.numpy())
+        if n > args.batch:
+            print(f'{done + count}/{n} samples, {(done + count) / (time.perf_counter() - start):.1f}/s', flush=True)
+    arrays = {'arr_0': np.concatenate(samples)}
+    if num_classes:
+        arrays['arr_1'] = np.concatenate(labels_all).astype(np.int64)
+    return arrays
+
+
+def bench(net, cfg, times, shape, device, autocast, args, name):
+    """Seconds per batch of the sampler alone (noise drawn once on the device), printed as one JSON line."""
+    num_classes, params = net.num_classes, sum(p.numel() for p in net.parameters())
+    net = prepare(net, device, args)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn(args.batch, *shape, generator=generator, device=device) * cfg.sigma_d
+    if noise.dim() == 4 and device.type == 'cuda':
+        noise = noise.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(num_classes, (args.batch,), generator=generator, device=device) if num_classes else None
+
+    def run():
+        with autocast:
+            sample(net, noise, times, cfg, labels=labels, guidance=args.guidance, restart=args.restart,
+                   generator=generator if args.restart else None)
+    for _ in range(2):  # warm-up: torch.compile, cuDNN autotuning, allocator
+        run()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.bench_batches):
+        run()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    per_batch = (time.perf_counter() - start) / args.bench_batches
+    print(json.dumps({
+        'model': name, 'params': params, 'device': str(device), 'steps': len(times) - 1, 'batch': args.batch,
+        'precision': args.precision, 'compile': args.compile, 'img_per_s': round(args.batch / per_batch, 2),
+        's_per_batch': round(per_batch, 5),
+        'peak_mem_gib': round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == 'cuda' else None}))
+
+
+def run(args):
+    if args.steps is not None and args.steps < 1:
+        raise SampleError(f'--steps {args.steps}: the number of jumps must be at least 1 (the paper uses 1 to 8)')
+    if args.steps is not None and args.times is not None:
+        raise SampleError(f'--steps {args.steps} and --times {args.times}: give one of them, not both')
+    for flag in ['n', 'batch', 'bench_batches']:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SampleError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise SampleError(f'--guidance {args.guidance}: must be a finite number (1 = no guidance)')
+    if args.model is not None and not args.bench:
+        raise SampleError(f'--model {args.model}: only used with --bench; sampling takes the net from --ckpt')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SampleError(f'--device {args.device}: not a device; accepted: cpu, cuda, cuda:N, mps') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SampleError(f'--device {args.device}: CUDA is not available here; use --device cpu')
+    args.batch = args.batch or (1024 if device.type == 'cuda' else 256)
+    # TF32 matmuls/convolutions only under --precision tf32; bf16 autocasts the network alone, while
+    # imm.sample keeps the outer loop (noise, times, c_skip * x) in fp32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == 'tf32'
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.precision == 'bf16' else contextlib.nullcontext()
+
+    if args.bench and args.model is not None:  # a preset's freshly initialised net: speed does not need weights
+        if args.ckpt is not None:
+            raise SampleError(f'--model {args.model} and --ckpt {args.ckpt}: give one of them, not both')
+        if args.model not in PRESETS:
+            raise SampleError(f'--model {args.model}: unknown preset; accepted: {", ".join(PRESETS)}')
+        net, cfg = build_net(PRESETS[args.model]), IMMConfig()
+        c = net.config
+        shape = [c['in_channels'], c['img_resolution'], c['img_resolution']] if c['arch'] == 'unet' else [c['dim']]
+        name, ckpt = args.model, None
+    else:
+        path = args.ckpt or newest_checkpoint()
+        if os.path.isdir(path):  # --ckpt runs/moons means its ckpt.pt
+            path = os.path.join(path, 'ckpt.pt')
+        net, cfg, ckpt = load_checkpoint(path, args.raw)
+        shape, name = list(ckpt['data']['shape']), path
+    times = parse_times(args.times, cfg) if args.times is not None else sampling_times(args.steps or 2, cfg)
+
+    num_classes = net.num_classes
+    if num_classes == 0 and args.class_label is not None:
+        raise SampleError(f'--class {args.class_label}: this net is unconditional (num_classes 0); leave it out')
+    if num_classes == 0 and args.guidance != 1.0:
+        raise SampleError(f'--guidance {args.guidance}: needs a class-conditional net, this one is unconditional; '
+                          'leave it out (1 = no guidance)')
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
+        raise SampleError(f'--class {args.class_label}: accepted 0..{num_classes - 1} for this net')
+    if args.bench:
+        return bench(net, cfg, times, shape, device, autocast, args, name)
+
+    fm = ckpt['args'].get('loss') == 'fm'  # a flow-matching baseline: sample with its DDIM denoiser
+    kind, n = ckpt['data']['kind'], args.n or (GRID if ckpt['data']['kind'] == 'image' else 2000)
+    out = args.out or os.path.join(os.path.dirname(path), 'samples.npz')
+    if not out.endswith('.npz'):
+        raise SampleError(f'--out {out}: must end in .npz')
+    print(f"{path} (step {ckpt.get('step', '?')}, {'raw' if args.raw else 'EMA'} weights): "
+          f"{ckpt['data']['name']} {kind} {shape}, {num_classes} classes" + (
+              '; trained with --loss fm, so sampling with the DDIM denoiser (imm.sample(denoiser=True))' if fm else ''))
+    print(f"{len(times) - 1} steps, times {','.join(f'{t:.4g}' for t in times)}"
+          f"{', restart' if args.restart else ''}; n {n}, batch {args.batch}, seed {args.seed}, "
+          + (f"guidance {args.guidance}, class {'random' if args.class_label is None else args.class_label}, "
+             if num_classes else '') + f"device {device}, {args.precision}")
+
+    arrays = generate(net, cfg, times, ckpt['data'], n, fm, device, autocast, args)
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    write_atomically(out, lambda tmp: np.savez(tmp, **arrays))
+    png = os.path.splitext(out)[0] + '.png'
+    if kind == 'image':
+        write_atomically(png, lambda tmp: save_image_grid(arrays['arr_0'][:GRID], tmp))
+    elif arrays['arr_0'].shape[1] == 2:
+        write_atomically(png, lambda tmp: save_scatter(arrays['arr_0'], tmp))
+    else:
+        png = None  # no picture for vectors of more than two dimensions
+    described = ', '.join(f'{k} {v.dtype} {list(v.shape)}' for k, v in arrays.items())
+    print(f"wrote {out} ({described}){f' and {png}' if png else ''}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Sample from an IMM checkpoint (or benchmark the sampler).')
+    add = p.add_argument
+    add('--ckpt', help='checkpoint file or run folder (default: the newest runs/*/ckpt.pt)')
+    add('--out', help='.npz to write, a grid PNG beside it (default: samples.npz beside the checkpoint)')
+    add('--steps', type=int, help='number of jumps f_{s,t}, each one network evaluation (default 2)')
+    add('--times', help='explicit time grid instead of --steps, e.g. 0.994,0.5833,0.006: strictly decreasing, '
+                        'within [eps, T]; the noise starts at the first, the samples are at the last')
+    add('--n', type=int, help='number of samples (default: 64 images, 2000 vectors; 50000 for FID)')
+    add('--batch', type=int, help='samples per sampler call (default: 1024 on CUDA, 256 on CPU)')
+    add('--seed', type=int, default=0, help='seed of the noise and labels; sample i depends on it and i only')
+    add('--guidance', type=float, default=1.0, help='classifier-free guidance weight w (Eq. 14); 1 = none')
+    add('--class', dest='class_label', type=int, help='class of every sample (default: uniform, drawn with --seed)')
+    add('--restart', action='store_true', help='restart sampling: jump to eps, re-noise to the next time (App. F)')
+    add('--raw', action='store_true', help="use the training weights ckpt['net'] instead of the EMA ckpt['ema']")
+    add('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+        help='cpu, cuda or cuda:N (default: cuda when available)')
+    add('--precision', default='tf32', choices=['fp32', 'tf32', 'bf16'],
+        help='network arithmetic on GPU: fp32, TF32 matmuls (the paper), or bf16 autocast; the sampler loop stays fp32')
+    add('--compile', action='store_true', help='torch.compile the network (slow first batch, faster after)')
+    add('--bench', action='store_true', help='time the sampler on synthetic noise, print one JSON line, write nothing')
+    add('--model', help=f'with --bench and no --ckpt: time a fresh net of this preset ({", ".join(PRESETS)})')
+    add('--bench-batches', type=int, default=10, help='timed batches for --bench (after 2 warm-up batches)')
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except SampleError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
