@@ -1,0 +1,29 @@
+"""docs/experiments.py as a specification: a subcommand on a tiny budget prints its table and writes its pictures,
+and its distance is zero for equal sets and grows as samples move away from the data."""
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'docs'))
+
+import experiments  # noqa: E402
+
+
+def test_toys_on_a_tiny_budget_prints_the_table_and_writes_the_pictures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiments, 'EVAL_POINTS', 500)
+    table = experiments.main(['toys', '--iters', '3', '--toys', 'moons', '--out', str(tmp_path)])
+    assert capsys.readouterr().out.strip() == table.strip()
+    rows = [line for line in table.splitlines() if line.startswith('| ') and not line.startswith('| method')]
+    assert len(rows) == 3 * 3 + 1 and rows[-1].startswith('| noise floor')   # 3 methods x 3 step counts, floor
+    assert all(len(row.split('|')) == 5 for row in rows)                      # method, steps, one toy
+    for name in ('exp_toys.png', 'exp_steps.png'):
+        with Image.open(tmp_path / name) as picture:
+            assert min(picture.size) > experiments.PANEL              # at least one labelled panel
+
+
+def test_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
+    a = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    assert abs(experiments.mmd2(a, a)) < 1e-12
+    assert experiments.mmd2(a, a + 0.2) > experiments.mmd2(a, a + 0.05) > 0
