@@ -280,7 +280,7 @@ def _read_array(path, resolution):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pictures.
+# Pictures, and writing files whole.
 
 def decode(x, data):
     """Network outputs back to data space, as numpy: uint8 [N, H, W, C] images or float [N, D] vectors."""
@@ -317,3 +317,15 @@ def save_scatter(points, path, extent=None, size=256):
     density = np.log1p(counts[::-1])                                 # row 0 is the top: largest y
     density = density / max(density.max(), 1e-12)
     Image.fromarray((255 * (1 - density)).astype(np.uint8)).save(path)
+
+
+def write_atomically(path, write):
+    """write(tmp), then rename tmp onto path: an interrupted run leaves the old file (or none), never half a file."""
+    root, ext = os.path.splitext(path)
+    tmp = f'{root}.tmp{os.getpid()}{ext}'  # keeps the extension: np.savez and PIL look at it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import UsageError
+from data import UsageError, write_atomically
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
@@ -612,9 +612,7 @@ def run(args):
         total, batches = len(x), (x[i:i + args.batch] for i in range(0, len(x), args.batch))
     mu, sigma = stats_of_batches(InceptionFeatures(args.weights).to(device), batches, total, label='ref')
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f'{args.out}.tmp{os.getpid()}.npz'  # written whole, then renamed: never half a file at --out
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, args.out)
+    write_atomically(args.out, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))  # never half a file at --out
     print(f'saved statistics of {total} images of {args.dataset} to {args.out}')
 
 if __name__ == '__main__':

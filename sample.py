@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data import decode, save_image_grid, save_scatter
+from data import decode, save_image_grid, save_scatter, write_atomically
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -117,18 +117,6 @@ def draw_inputs(generator, count, shape, num_classes, sigma_d):
         if num_classes:  # drawn even under --class, so that --class changes the labels and not the noise
             labels.append(torch.randint(num_classes, (), generator=generator))
     return torch.stack(noise), torch.stack(labels) if num_classes else None
-
-
-def write_atomically(path, write):
-    """write(tmp), then rename tmp onto path: an interrupted run leaves the old file (or none), never half a file."""
-    root, ext = os.path.splitext(path)
-    tmp = f'{root}.tmp{os.getpid()}{ext}'  # keeps the extension: np.savez and PIL look at it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def generate(net, cfg, times, data, n, fm, device, autocast, args):

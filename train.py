@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import SIGMA_D, Dataset, UsageError, decode, load_dataset, save_image_grid, save_scatter
+from data import (SIGMA_D, Dataset, UsageError, decode, load_dataset, save_image_grid, save_scatter,
+                  write_atomically)
 from imm import IMMConfig, draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -192,13 +193,6 @@ def config_differences(saved, wanted, prefix):
     saved, wanted = json.loads(json.dumps(saved)), json.loads(json.dumps(wanted))
     return [f"{prefix}.{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-
-
-def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous file intact."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state():
@@ -494,7 +488,7 @@ def main(argv=None):
         if stop:
             say(f"stopped by signal {stop[0]} at step {step}")
             if int(bad_step) < 0 and rank == 0 and not args.bench:
-                save_atomically(checkpoint(step), ckpt_path)
+                write_atomically(ckpt_path, functools.partial(torch.save, checkpoint(step)))
                 say(f"wrote {ckpt_path} (step {step}); continue with the same command plus --resume")
             break
         if args.bench and step == start_step + BENCH_WARMUP:
@@ -594,11 +588,12 @@ def main(argv=None):
                 log_file.flush()
                 if best_fid is None or fids[2] < best_fid:
                     best_fid = fids[2]
-                    save_atomically(checkpoint(done), os.path.join(args.out, 'ckpt-best.pt'))
+                    write_atomically(os.path.join(args.out, 'ckpt-best.pt'),
+                                     functools.partial(torch.save, checkpoint(done)))
             if distributed:
                 dist.barrier()
         if rank == 0 and ckpt_now:
-            save_atomically(checkpoint(done), ckpt_path)
+            write_atomically(ckpt_path, functools.partial(torch.save, checkpoint(done)))
             last_good = done
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)

@@ -2,6 +2,7 @@
 
 CIFAR-10 is faked in its real on-disk format (python pickles in cifar-10-batches-py), so nothing is downloaded.
 """
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repository root
 
-from data import SIGMA_D, TOYS, UsageError, decode, load_dataset, make_toy, save_image_grid, save_scatter  # noqa: E402
+from data import (SIGMA_D, TOYS, UsageError, decode, load_dataset, make_toy, save_image_grid,  # noqa: E402
+                  save_scatter, write_atomically)
 
 
 def write_fake_cifar10(root, per_batch=4, seed=0):
@@ -177,3 +179,15 @@ def test_save_scatter_draws_points_dark_on_white(tmp_path):
     (row0, col0), = np.argwhere(pixels == 0)
     (row1, col1), = np.argwhere((pixels > 0) & (pixels < 255))
     assert row1 < row0 and col1 > col0
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path):
+    out = tmp_path / 'samples.npz'
+    out.write_bytes(b'samples of an earlier run')
+
+    def write_half_then_die(tmp):
+        Path(tmp).write_bytes(b'half a')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(str(out), write_half_then_die)
+    assert os.listdir(tmp_path) == ['samples.npz'] and out.read_bytes() == b'samples of an earlier run'

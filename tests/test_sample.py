@@ -159,18 +159,6 @@ def test_bench_prints_one_json_line_and_writes_nothing(tmp_path, capsys, monkeyp
     assert os.listdir(tmp_path) == []
 
 
-def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path):
-    out = tmp_path / 'samples.npz'
-    out.write_bytes(b'samples of an earlier run')
-
-    def write_half_then_die(tmp):
-        Path(tmp).write_bytes(b'half a')
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        sample_script.write_atomically(str(out), write_half_then_die)
-    assert os.listdir(tmp_path) == ['samples.npz'] and out.read_bytes() == b'samples of an earlier run'
-
-
 # --- bad input: one clear message naming the value, exit status 2, and nothing already written is damaged
 
 def bad_checkpoint(tmp_path, case):
