@@ -282,11 +282,16 @@ def _read_array(path, resolution):
 # ----------------------------------------------------------------------------------------------------
 # Pictures, and writing files whole.
 
+def to_uint8(x):
+    """Images in [-1, 1] to uint8 on x's device: clip(x * 127.5 + 128, 0, 255) (spec section 6)."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
 def decode(x, data):
     """Network outputs back to data space, as numpy: uint8 [N, H, W, C] images or float [N, D] vectors."""
     x = x.detach().float().cpu()
-    if data.kind == 'image':                                         # spec section 6
-        return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if data.kind == 'image':
+        return to_uint8(x).permute(0, 2, 3, 1).numpy()
     return (x / SIGMA_D * data.std + data.mean).numpy()
 
 

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import (SIGMA_D, Dataset, UsageError, decode, load_dataset, save_image_grid, save_scatter,
-                  write_atomically)
+                  to_uint8, write_atomically)
 from imm import IMMConfig, draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -232,7 +232,7 @@ def ema_fid(ema, cfg, steps, shape, num_classes, args, fid_ref, inception, autoc
         labels = torch.randint(num_classes, (b,), generator=noise_gen, device=device) if num_classes else None
         with autocast:
             x0 = sample(ema, z, sampling_times(steps, cfg), cfg, labels, denoiser=args.loss == 'fm')
-        return (x0 * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        return to_uint8(x0)
     return fid_of_sampler(generate, args.fid_n, fid_ref, net=inception)
 
 
