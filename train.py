@@ -340,10 +340,12 @@ def main(argv=None):
     args.out = args.out or os.path.join('runs', os.path.splitext(os.path.basename(args.dataset.rstrip('/\\')))[0])
     ckpt_path = os.path.join(args.out, 'ckpt.pt')
     ckpt = None
+    torch.manual_seed(args.seed)                           # the initial weights (replaced when resuming)
+    net = build_net(net_config)
     if args.resume is not None and not args.bench:
         resume_path = args.resume or ckpt_path
         ckpt = read_checkpoint(resume_path)
-        differences = (config_differences(ckpt['net_config'], build_net(net_config).config, 'net_config')
+        differences = (config_differences(ckpt['net_config'], net.config, 'net_config')
                        + config_differences(ckpt['imm_config'], asdict(cfg), 'imm_config')
                        + config_differences({'loss': ckpt['args'].get('loss')}, {'loss': args.loss}, 'args'))
         if differences:
@@ -361,8 +363,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
 
     # ---- network, EMA, optimizer (state from the checkpoint when resuming)
-    torch.manual_seed(args.seed)
-    net = build_net(net_config).to(device)
+    net = net.to(device)
     channels_last = device.type == 'cuda' and data.kind == 'image'
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -602,8 +603,9 @@ def main(argv=None):
         if device.type == 'cuda':
             torch.cuda.synchronize()
         step_s = (time.time() - bench_start) / args.bench
-        flops = forward_flops(net, shape, num_classes, device) * (4 if args.loss == 'imm' else 3)  # 2 fwd + bwd
-        tflops = flops * args.batch / step_s / 1e12 / world                                         # per device
+        fwd_flops = forward_flops(net, shape, num_classes, device)
+        passes = 4 if args.loss == 'imm' else 3            # forward passes' worth: IMM 2 forward + backward
+        tflops = fwd_flops * passes * args.batch / step_s / 1e12 / world                            # per device
         gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
         peak = args.peak_tflops or next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in gpu), None)
         peak_mem = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else \
@@ -611,7 +613,7 @@ def main(argv=None):
         say(json.dumps({'img_per_s': round(args.batch / step_s, 2), 'step_s': round(step_s, 5),
                         'peak_mem_gb': round(peak_mem / 2 ** 30, 3), 'tflops': round(tflops, 3),
                         'mfu': round(tflops / peak, 4) if peak else None, 'peak_tflops': peak,
-                        'fwd_gflops_per_sample': float(f"{flops / (4 if args.loss == 'imm' else 3) / 1e9:.4g}"),
+                        'fwd_gflops_per_sample': float(f"{fwd_flops / 1e9:.4g}"),
                         'device': gpu or str(device), 'world_size': world, 'precision': args.precision,
                         'compiled': model is not net, 'model': args.model, 'params_m': round(params / 1e6, 3),
                         'loss': args.loss, 'batch': args.batch, 'micro_batch': micro, 'steps': args.bench}), flush=True)
