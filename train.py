@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import gc
 import inspect
 import json
 import os
@@ -621,7 +622,10 @@ def main(argv=None):
         say(f"done: {ckpt_path} at step {iters}. Sample with: python sample.py --ckpt {args.out}")
     if rank == 0 and not args.bench:
         log_file.close()
-    if distributed:
+    if distributed:  # tear down together, DDP first: gloo work it still holds at interpreter exit aborts the rank
+        ddp = train_net = None
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return status
 
