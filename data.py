@@ -14,9 +14,9 @@ What `name` can be:
   A .npz holds one array, or the data under 'x' and optional int labels under 'labels'.
 - a built-in 2-D toy generated in code: 'checkerboard', 'moons', 'spirals', 'gaussians8' (with labels).
 
-Images stay uint8 here; train.py encodes them as x / 127.5 - 1 (spec section 6). Vectors are standardised
-per dimension to std sigma_d, the data scale the IMM schedules assume (spec section 2); `mean` and `std`
-undo it. save_image_grid and save_scatter write the pictures that train.py and sample.py show.
+Images stay uint8 here; encode() maps a batch to [-1, 1] (spec section 6) when train.py draws it. Vectors
+are standardised per dimension to std sigma_d, the data scale the IMM schedules assume (spec section 2);
+`mean` and `std` undo it. save_image_grid and save_scatter write the pictures that train.py and sample.py show.
 """
 
 import os
@@ -280,7 +280,12 @@ def _read_array(path, resolution):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pictures, and writing files whole.
+# Encoding images, pictures, and writing files whole.
+
+def encode(x):
+    """uint8 images [..., H, W] to the network's range [-1, 1]: x / 127.5 - 1 (spec section 6)."""
+    return x.float() / 127.5 - 1
+
 
 def to_uint8(x):
     """Images in [-1, 1] to uint8 on x's device: clip(x * 127.5 + 128, 0, 255) (spec section 6)."""

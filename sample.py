@@ -26,65 +26,21 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data import decode, save_image_grid, save_scatter, write_atomically
+from checkpoint import load_for_sampling
+from data import UsageError, decode, save_image_grid, save_scatter, write_atomically
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
 
 GRID = 64  # images shown in the PNG; all samples go to the .npz
-REQUIRED = ['net', 'ema', 'net_config', 'imm_config', 'data', 'args']  # checkpoint keys sample.py reads
-DATA_KEYS = ['name', 'kind', 'shape', 'mean', 'std']
-
-
-class SampleError(Exception):
-    """A bad input: main() prints it as one `error: ...` line and exits with status 2."""
 
 
 def newest_checkpoint(root='runs'):
     # ckpt-best.pt is only used when named with --ckpt: "newest" means the latest training state
     paths = glob.glob(os.path.join(root, '*', 'ckpt.pt'))
     if not paths:
-        raise SampleError(f'no checkpoint under {root}/ (looked for {root}/*/ckpt.pt); '
-                          'train one with `python train.py --dataset moons` or pass --ckpt')
+        raise UsageError(f'no checkpoint under {root}/ (looked for {root}/*/ckpt.pt); '
+                         'train one with `python train.py --dataset moons` or pass --ckpt')
     return max(paths, key=os.path.getmtime)
-
-
-def load_checkpoint(path, raw):
-    """Read a train.py checkpoint; return (net with the EMA or raw weights, IMMConfig, checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise SampleError(f'--ckpt {path}: no such file; pass a ckpt.pt written by train.py')
-    try:  # everything in our checkpoints is tensors and plain Python values, so the safe loader reads them
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).strip().split('. ')[0]}"
-        raise SampleError(f'cannot read checkpoint {path} ({reason}); the file is corrupt or was not '
-                          'written by train.py') from None
-    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
-    missing += [f"data['{k}']" for k in DATA_KEYS if not missing and k not in ckpt['data']]
-    if missing:
-        raise SampleError(f'checkpoint {path} lacks {missing}; a train.py checkpoint holds {REQUIRED}, '
-                          f'its data entry {DATA_KEYS}')
-    try:
-        net = build_net(ckpt['net_config'])
-        cfg = IMMConfig(**ckpt['imm_config'])
-    except (TypeError, ValueError, KeyError) as e:
-        raise SampleError(f'checkpoint {path}: cannot rebuild its network or IMM config ({e}); '
-                          'was it written by another version of model.py / imm.py?') from None
-    key = 'net' if raw else 'ema'
-    weights = ckpt[key]
-    if not isinstance(weights, dict):
-        raise SampleError(f"checkpoint {path}: ckpt['{key}'] is {type(weights).__name__}, not a state dict"
-                          + ('' if raw else '; pass --raw to use the training weights'))
-    expected = net.state_dict()
-    problems = [f'missing {k}' for k in expected if k not in weights]
-    problems += [f'unexpected {k}' for k in weights if k not in expected]
-    problems += [f'{k} is {list(weights[k].shape)}, the net wants {list(v.shape)}'
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if problems:
-        more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
-        raise SampleError(f"checkpoint {path}: ckpt['{key}'] does not fit the network its net_config "
-                          f"{ckpt['net_config']} builds: {'; '.join(problems[:3])}{more}")
-    net.load_state_dict(weights)
-    return net, cfg, ckpt
 
 
 def parse_times(text, cfg):
@@ -95,7 +51,7 @@ def parse_times(text, cfg):
         times = []
     if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:])) \
             or not all(cfg.eps <= t <= cfg.T for t in times):
-        raise SampleError(f'--times {text}: give two or more comma-separated times, strictly decreasing, '
+        raise UsageError(f'--times {text}: give two or more comma-separated times, strictly decreasing, '
                           f'within [eps, T] = [{cfg.eps}, {cfg.T}], e.g. {cfg.T},{cfg.eps}')
     return times
 
@@ -185,22 +141,22 @@ def bench(net, cfg, times, shape, device, autocast, args, name):
 
 def run(args):
     if args.steps is not None and args.steps < 1:
-        raise SampleError(f'--steps {args.steps}: the number of jumps must be at least 1 (the paper uses 1 to 8)')
+        raise UsageError(f'--steps {args.steps}: the number of jumps must be at least 1 (the paper uses 1 to 8)')
     if args.steps is not None and args.times is not None:
-        raise SampleError(f'--steps {args.steps} and --times {args.times}: give one of them, not both')
+        raise UsageError(f'--steps {args.steps} and --times {args.times}: give one of them, not both')
     for flag in ['n', 'batch', 'bench_batches']:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SampleError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if not math.isfinite(args.guidance):
-        raise SampleError(f'--guidance {args.guidance}: must be a finite number (1 = no guidance)')
+        raise UsageError(f'--guidance {args.guidance}: must be a finite number (1 = no guidance)')
     if args.model is not None and not args.bench:
-        raise SampleError(f'--model {args.model}: only used with --bench; sampling takes the net from --ckpt')
+        raise UsageError(f'--model {args.model}: only used with --bench; sampling takes the net from --ckpt')
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise SampleError(f'--device {args.device}: not a device; accepted: cpu, cuda, cuda:N, mps') from None
+        raise UsageError(f'--device {args.device}: not a device; accepted: cpu, cuda, cuda:N, mps') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SampleError(f'--device {args.device}: CUDA is not available here; use --device cpu')
+        raise UsageError(f'--device {args.device}: CUDA is not available here; use --device cpu')
     args.batch = args.batch or (1024 if device.type == 'cuda' else 256)
     # TF32 matmuls/convolutions only under --precision tf32; bf16 autocasts the network alone, while
     # imm.sample keeps the outer loop (noise, times, c_skip * x) in fp32
@@ -209,9 +165,9 @@ def run(args):
 
     if args.bench and args.model is not None:  # a preset's freshly initialised net: speed does not need weights
         if args.ckpt is not None:
-            raise SampleError(f'--model {args.model} and --ckpt {args.ckpt}: give one of them, not both')
+            raise UsageError(f'--model {args.model} and --ckpt {args.ckpt}: give one of them, not both')
         if args.model not in PRESETS:
-            raise SampleError(f'--model {args.model}: unknown preset; accepted: {", ".join(PRESETS)}')
+            raise UsageError(f'--model {args.model}: unknown preset; accepted: {", ".join(PRESETS)}')
         net, cfg = build_net(PRESETS[args.model]), IMMConfig()
         c = net.config
         shape = [c['in_channels'], c['img_resolution'], c['img_resolution']] if c['arch'] == 'unet' else [c['dim']]
@@ -220,18 +176,18 @@ def run(args):
         path = args.ckpt or newest_checkpoint()
         if os.path.isdir(path):  # --ckpt runs/moons means its ckpt.pt
             path = os.path.join(path, 'ckpt.pt')
-        net, cfg, ckpt = load_checkpoint(path, args.raw)
+        net, cfg, ckpt = load_for_sampling(path, args.raw)
         shape, name = list(ckpt['data']['shape']), path
     times = parse_times(args.times, cfg) if args.times is not None else sampling_times(args.steps or 2, cfg)
 
     num_classes = net.num_classes
     if num_classes == 0 and args.class_label is not None:
-        raise SampleError(f'--class {args.class_label}: this net is unconditional (num_classes 0); leave it out')
+        raise UsageError(f'--class {args.class_label}: this net is unconditional (num_classes 0); leave it out')
     if num_classes == 0 and args.guidance != 1.0:
-        raise SampleError(f'--guidance {args.guidance}: needs a class-conditional net, this one is unconditional; '
+        raise UsageError(f'--guidance {args.guidance}: needs a class-conditional net, this one is unconditional; '
                           'leave it out (1 = no guidance)')
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        raise SampleError(f'--class {args.class_label}: accepted 0..{num_classes - 1} for this net')
+        raise UsageError(f'--class {args.class_label}: accepted 0..{num_classes - 1} for this net')
     if args.bench:
         return bench(net, cfg, times, shape, device, autocast, args, name)
 
@@ -239,7 +195,7 @@ def run(args):
     kind, n = ckpt['data']['kind'], args.n or (GRID if ckpt['data']['kind'] == 'image' else 2000)
     out = args.out or os.path.join(os.path.dirname(path), 'samples.npz')
     if not out.endswith('.npz'):
-        raise SampleError(f'--out {out}: must end in .npz')
+        raise UsageError(f'--out {out}: must end in .npz')
     print(f"{path} (step {ckpt.get('step', '?')}, {'raw' if args.raw else 'EMA'} weights): "
           f"{ckpt['data']['name']} {kind} {shape}, {num_classes} classes" + (
               '; trained with --loss fm, so sampling with the DDIM denoiser (imm.sample(denoiser=True))' if fm else ''))
@@ -288,7 +244,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(args)
-    except SampleError as e:
+    except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
 

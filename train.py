@@ -1,7 +1,7 @@
 """
-Train a few-step generator with Inductive Moment Matching (IMM, Zhou/Ermon/Song ICML 2025). One flat loop:
-draw a batch and per-group times (s, t), take imm.imm_loss, step RAdam, update the EMA; checkpoints,
-pictures and logs go to --out (default runs/<dataset>).
+Train a few-step generator with Inductive Moment Matching (IMM, Zhou/Ermon/Song ICML 2025): draw a batch and
+per-group times (s, t), take imm.imm_loss, step RAdam, update the EMA; checkpoints, pictures and logs go to
+--out (default runs/<dataset>).
 
     python train.py --dataset moons                 # 2-D toy on a CPU, a few minutes -> runs/moons/
     python train.py --dataset moons --resume        # continue runs/moons/ckpt.pt (same flags as the first run)
@@ -15,26 +15,29 @@ pictures and logs go to --out (default runs/<dataset>).
 gaussians8); see data.py. Images train the U-Net (model.PRESETS['ddpmpp']) with the paper's settings;
 vectors train the MLP with settings that give good samples in a few CPU minutes (DEFAULTS below).
 --batch is the global batch: it is split across torchrun's ranks, then into micro-batches of whole groups
-of M particles (gradient accumulation). Everything random in a step is drawn from generators seeded by
-(--seed, step), so a resumed run ends with the same weights as an uninterrupted one, and 1 or N ranks see
-the same data, times and noise. Then: python sample.py --ckpt runs/moons
+of M particles (gradient accumulation; M = 1 for flow matching). Everything random in a step is drawn from
+generators seeded by (--seed, step), so a resumed run ends with the same weights as an uninterrupted one,
+and 1 or N ranks see the same data, times and noise. Then: python sample.py --ckpt runs/moons
+
+Reading order: main() names the phases (processes, data, settings, build, micro-batch, compile/DDP, output,
+the loop, report); draw_batch() and train() are the loop; checkpoint.py is the run on disk.
 """
 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import inspect
 import json
 import os
-import random
 import re
 import resource
 import signal
 import sys
 import time
-from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,8 +45,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import (SIGMA_D, Dataset, UsageError, decode, load_dataset, save_image_grid, save_scatter,
-                  to_uint8, write_atomically)
+import checkpoint
+from data import Dataset, SIGMA_D, UsageError, decode, encode, load_dataset, save_image_grid, save_scatter, to_uint8
 from imm import IMMConfig, draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -132,6 +135,472 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_processes(args)
+    say = print if rank == 0 else (lambda *a, **k: None)   # only rank 0 talks and writes
+    data = load_data(args, rank, world)
+    args, cfg, net_config, M, micro = resolve_settings(args, data, world)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    autocast, scaler = set_precision(args.precision, device)
+    net, ema, opt, start_step, best_fid = build(args, cfg, net_config, scaler, device, data.kind)
+    per_rank = args.batch // world
+    if micro == 'auto':
+        micro = fit_micro_batch(net, data, cfg, args, M, per_rank, autocast, device, world > 1)
+    model = compile_net(net, data, cfg, args, micro, autocast, device) if args.compile else net
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                  broadcast_buffers=False) if world > 1 else None
+    fid = set_up_fid(args, device) if args.fid_every and rank == 0 else None
+    pictures = prepare_output(args, data, cfg, start_step, device) if rank == 0 and args.out else None
+    say(f"{data.name}: {data.kind} {list(data.x.shape[1:])} x {len(data.x)}"
+        f"{f', {net.num_classes} classes' if net.num_classes else ''} | {net_config['arch']} {args.model} "
+        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | {args.loss} M={M} | batch {args.batch} = "
+        f"{world} rank(s) x {per_rank // micro} x {micro} | {device} {args.precision}"
+        f"{' compiled' if model is not net else ''} | steps {start_step}->{args.iters} | {args.out or 'bench'}")
+
+    run = SimpleNamespace(  # everything the loop reads and updates
+        args=args, cfg=cfg, rank=rank, world=world, device=device, say=say, M=M, micro=micro,
+        num_micro=per_rank // micro, data=dataclasses.replace(data, x=data.x.to(device), labels=None
+                                                            if data.labels is None else data.labels.to(device)),
+        net=net, ema=ema, opt=opt, scaler=scaler, autocast=autocast, model=ddp or model, ddp=ddp, fid=fid,
+        pictures=pictures, log_file=None if pictures is None else open(os.path.join(args.out, 'log.jsonl'), 'a'),
+        best_fid=best_fid, start_step=start_step, last_good=None, stop=[],
+        loss_sum=torch.zeros((), device=device),           # summed on the device; read only when logging
+        bad_step=torch.full((), -1, device=device),        # first step with a non-finite loss, -1 if none
+        t_last=time.time(), step_last=start_step)
+
+    def request_stop(signum, frame):                       # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+        run.stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)              # a second signal stops at once
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    first = start_step
+    if args.bench:                                         # untimed warm-up steps, then the timer
+        train(run, first, first + BENCH_WARMUP)
+        first += BENCH_WARMUP
+        synchronize(device, reset_peak_memory=True)
+    started = time.time()
+    status = train(run, first, args.iters)
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+
+    if args.bench:
+        synchronize(device)
+        report_bench(run, model is not net, (time.time() - started) / args.bench)
+    elif status == 0 and not run.stop:
+        say(f"done: {os.path.join(args.out, 'ckpt.pt')} at step {args.iters}. "
+            f"Sample with: python sample.py --ckpt {args.out}")
+    if run.log_file is not None:
+        run.log_file.close()
+    if world > 1:  # tear down together, DDP first: gloo work it still holds at interpreter exit aborts the rank
+        run.model = run.ddp = ddp = None
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    return status
+
+
+# ---- Set-up, one function per phase of main()
+
+def init_processes(args):
+    """(rank, world size, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
+    distributed = 'RANK' in os.environ
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if distributed else (0, 1)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    elif device.type != 'cpu':
+        raise UsageError(f"--device {args.device}: accepted cpu or cuda")
+    if distributed:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def load_data(args, rank, world):
+    """The dataset (rank 0 first: it may download CIFAR-10); --bench on cifar10 times synthetic images."""
+    if args.bench and args.dataset == 'cifar10':
+        side = args.resolution or 32
+        return Dataset('cifar10', 'image', torch.randint(0, 256, (4096, 3, side, side), dtype=torch.uint8),
+                       torch.randint(0, 10, (4096,)), 10)
+    if world > 1 and rank != 0:
+        dist.barrier()
+    data = load_dataset(args.dataset, args.data_dir, args.resolution, args.workers)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return data
+
+
+def resolve_settings(args, data, world):
+    """From the flags, the data and the number of ranks to everything the run is (no side effects):
+    (args with the data kind's defaults filled in, IMMConfig, network config, M rows per group, micro-batch
+    or 'auto'). Every range check is here, so bad flags stop the run before anything is built or written.
+    --bench is a configuration: no output folder, nothing logged or saved, warm-up plus timed steps."""
+    args = argparse.Namespace(**vars(args))
+    for key, value in DEFAULTS[data.kind].items():        # fill in what the user left to the data kind
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.cond and data.num_classes == 0:
+        raise UsageError(f"--cond: dataset {args.dataset!r} has no labels; leave out --cond, or use a labelled dataset "
+                         f"(cifar10, a toy, a folder with one sub-folder per class, an .npz with 'labels')")
+    if args.T is None:
+        args.T = 0.994 if args.schedule == 'fm' else 0.996
+    try:
+        cfg = IMMConfig(schedule=args.schedule, param=args.param, particles=args.particles, k=args.k, a=args.a,
+                        b=args.b, eps=args.eps, T=args.T, sigma_d=SIGMA_D, second_time=args.second_time,
+                        min_gap=args.min_gap, target_fp32=args.target_fp32)
+    except ValueError as e:
+        raise UsageError(re.sub(r'IMMConfig\.(\w+)=', lambda m: f"--{m.group(1).replace('_', '-')} ", str(e))) from None
+    net_config = network_config(args, data)
+    M = cfg.particles if args.loss == 'imm' else 1        # flow matching: every row is its own group
+    for flag, ok, accepted in [
+            ('iters', args.iters >= 0, 'an integer >= 0'), ('batch', args.batch >= 1, 'an integer >= 1'),
+            ('log_every', args.log_every >= 1, 'an integer >= 1'),
+            ('ckpt_every', args.ckpt_every >= 1, 'an integer >= 1'),
+            ('sample_every', args.sample_every >= 0, 'an integer >= 0 (0 = never)'),
+            ('fid_every', args.fid_every >= 0, 'an integer >= 0 (0 = never)'),
+            ('fid_n', args.fid_n >= 2, 'an integer >= 2'), ('bench', args.bench >= 0, 'an integer >= 0'),
+            ('lr', args.lr > 0, 'a positive number'), ('ema', 0 <= args.ema < 1, 'a number in [0, 1)'),
+            ('grad_clip', args.grad_clip >= 0, 'a number >= 0 (0 = off)'),
+            ('label_dropout', 0 <= args.label_dropout <= 1, 'a probability in [0, 1]'),
+            ('threads', args.threads >= 0, "an integer >= 0 (0 = torch's default)")]:
+        if not ok:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: accepted {accepted}")
+    if args.batch % (M * world):
+        raise UsageError(f"--batch {args.batch} must be divisible by M x ranks = {M} x {world} = {M * world}, "
+                         f"so that every rank gets whole groups of M particles (--particles {M}); "
+                         f"e.g. --batch {(args.batch // (M * world) + 1) * M * world}")
+    per_rank, micro = args.batch // world, args.micro_batch
+    if micro != 'auto':
+        micro = int(micro) if re.fullmatch(r'\d+', micro) else 0
+        if micro < 1 or micro % M or per_rank % micro:
+            raise UsageError(f"--micro-batch {args.micro_batch}: accepted 'auto' or a multiple of M={M} that divides "
+                             f"the per-rank batch {per_rank} (--batch {args.batch} over {world} ranks)")
+    if args.fid_every and data.kind != 'image':
+        raise UsageError(f"--fid-every {args.fid_every}: FID needs images, {args.dataset!r} holds vectors")
+    if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
+        raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
+                         f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
+    args.out = args.out or os.path.join('runs', os.path.splitext(os.path.basename(args.dataset.rstrip('/\\')))[0])
+    if args.bench:
+        args.out = args.resume = None
+        args.iters, args.log_every, args.ckpt_every, args.sample_every, args.fid_every = BENCH_WARMUP + args.bench, 0, 0, 0, 0
+    return args, cfg, net_config, M, micro
+
+
+def network_config(args, data):
+    """model.build_net's argument: --model's preset fitted to the data's shape, --channels and --dropout."""
+    shape = list(data.x.shape[1:])
+    net_config = dict(PRESETS[args.model], num_classes=data.num_classes if args.cond else 0)
+    if net_config['arch'] == 'unet':
+        if data.kind != 'image':
+            raise UsageError(f"--model {args.model} is a U-Net for images, but {args.dataset!r} holds vectors "
+                             f"{shape}; use --model mlp")
+        net_config.update(img_resolution=shape[1], in_channels=shape[0])
+        if args.channels:
+            net_config['model_channels'] = args.channels
+    else:
+        if data.kind != 'vector':
+            raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds images "
+                             f"{shape}; use a U-Net preset: {', '.join(k for k in PRESETS if k != args.model)}")
+        net_config['dim'] = shape[0]
+        if args.channels:
+            net_config['hidden'] = args.channels
+    if args.dropout is not None:
+        net_config['dropout'] = args.dropout
+    return net_config
+
+
+def set_precision(precision, device):
+    """(autocast context, grad scaler) for --precision; TF32 matmuls and convolutions only under tf32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+    torch.backends.cudnn.benchmark = True
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else contextlib.nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
+
+
+def build(args, cfg, net_config, scaler, device, kind):
+    """(net, EMA, RAdam, first step, best FID so far): fresh from --seed, or the state of --resume's checkpoint.
+    A checkpoint of another config, or a run already in --out without --resume, is refused before any write."""
+    ckpt_path = args.out and os.path.join(args.out, 'ckpt.pt')
+    torch.manual_seed(args.seed)                           # the initial weights (replaced when resuming)
+    net = build_net(net_config)
+    ckpt = None
+    if args.resume is not None:
+        ckpt = checkpoint.read(args.resume or ckpt_path)
+        checkpoint.check_resumable(ckpt, args.resume or ckpt_path, net.config, cfg, args.loss)
+    elif ckpt_path and os.path.exists(ckpt_path):
+        raise UsageError(f"{args.out!r} already holds a run ({ckpt_path}); continue it with --resume, "
+                         f"or start a new one with another --out")
+    net = net.to(device)
+    if device.type == 'cuda' and kind == 'image':
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    fused = {'fused': True} if 'fused' in inspect.signature(torch.optim.RAdam).parameters and device.type == 'cuda' \
+        else {'foreach': device.type == 'cuda'}            # one kernel per op for all tensors
+    opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0, **fused)
+    if ckpt is None:
+        return net, ema, opt, 0, None
+    net.load_state_dict(ckpt['net'])
+    ema.load_state_dict(ckpt['ema'])
+    opt.load_state_dict(ckpt['opt'])
+    for group in opt.param_groups:                         # --lr may change on resume
+        group['lr'] = args.lr
+    if ckpt['scaler'] is not None and scaler.is_enabled():
+        scaler.load_state_dict(ckpt['scaler'])
+    checkpoint.set_rng_state(ckpt['rng'])
+    return net, ema, opt, ckpt['step'], ckpt.get('best_fid')
+
+
+def trial_step(model, data, cfg, args, rows, autocast, device):
+    """One forward/backward on `rows` synthetic rows, gradients dropped: checks that a micro-batch fits and compiles."""
+    M = cfg.particles if args.loss == 'imm' else 1
+    t, s = draw_times(rows // M, cfg, device=device)
+    x = torch.zeros(rows, *data.x.shape[1:], device=device)
+    labels = torch.zeros(rows, dtype=torch.long, device=device) if args.cond else None
+    micro_loss(model, x, cfg.sigma_d * torch.randn_like(x), t, s, labels, cfg, args.loss, autocast).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def fit_micro_batch(net, data, cfg, args, M, per_rank, autocast, device, distributed):
+    """--micro-batch auto: the per-rank batch, halved (to a multiple of M that divides it) until a step fits
+    in GPU memory; on a CPU the whole per-rank batch. All ranks take the smallest that fits on any."""
+    micro = per_rank
+    while device.type == 'cuda':
+        try:
+            trial_step(net, data, cfg, args, micro, autocast, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            pass                                           # retried below, once the exception has let go of its memory
+        net.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        smaller = [m for m in range(M, micro // 2 + 1, M) if per_rank % m == 0]
+        if not smaller:
+            raise UsageError(f"--micro-batch auto: even {micro} rows (M={M}) do not fit in GPU memory; "
+                             f"use a smaller --model / --channels or --precision bf16")
+        micro = smaller[-1]
+    if distributed:                                        # every rank must use the same split
+        agreed = torch.tensor([micro], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        micro = int(agreed.item())
+    return micro
+
+
+def compile_net(net, data, cfg, args, micro, autocast, device):
+    """torch.compile(net), tried on one micro-batch; the eager net, with a warning, if compiling fails."""
+    try:
+        model = torch.compile(net)
+        trial_step(model, data, cfg, args, micro, autocast, device)
+        return model
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training without it", file=sys.stderr)
+        net.zero_grad(set_to_none=True)
+        return net
+
+
+def set_up_fid(args, device):
+    """The Inception network and the reference statistics for --fid-every (rank 0 only)."""
+    from fid import InceptionFeatures, load_ref
+    return SimpleNamespace(inception=InceptionFeatures(args.fid_weights).to(device), ref=load_ref(args.fid_ref))
+
+
+def prepare_output(args, data, cfg, start_step, device):
+    """Create --out/samples, cut log.jsonl back to the resumed step, and fix the noise (and labels) of the
+    pictures; for 2-D data, draw the data itself on the axes the samples will use."""
+    os.makedirs(os.path.join(args.out, 'samples'), exist_ok=True)
+    if start_step:
+        checkpoint.trim_log(os.path.join(args.out, 'log.jsonl'), start_step)
+    shown, num_classes = SAMPLES_SHOWN[data.kind], data.num_classes if args.cond else 0
+    fixed = torch.Generator().manual_seed(args.seed)
+    noise = (cfg.sigma_d * torch.randn(shown, *data.x.shape[1:], generator=fixed)).to(device)
+    labels = (torch.arange(shown) % num_classes).to(device) if num_classes else None
+    extent = None
+    if data.kind == 'vector':
+        real = decode(data.x[torch.randperm(len(data.x), generator=fixed)[:shown]], data)
+        lo, hi = float(real[:, :2].min()), float(real[:, :2].max())
+        extent = (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        save_scatter(real, os.path.join(args.out, 'data.png'), extent)
+    return SimpleNamespace(noise=noise, labels=labels, extent=extent)
+
+
+# ---- The loop
+
+def draw_batch(step, data, args, cfg, rank=0, world=1):
+    """Everything random in global batch `step`, as this rank's share: (x, noise, t, s, labels).
+
+    Rows, times, flips, noise and dropped labels come from one generator seeded by (--seed, step) and are drawn
+    for the whole batch, of which each rank keeps its slice: 1 or N ranks, and a resumed run, see the same batch.
+    t and s are one per group of M rows (one per row for flow matching). The global RNG, which draws dropout
+    masks, is seeded by (--seed, step, rank)."""
+    M = cfg.particles if args.loss == 'imm' else 1
+    per_rank, device = args.batch // world, data.x.device
+    mine, my_groups = slice(rank * per_rank, (rank + 1) * per_rank), slice(rank * per_rank // M, (rank + 1) * per_rank // M)
+    gen = torch.Generator(device).manual_seed(seed_for(args.seed, 1, step))
+    torch.manual_seed(seed_for(args.seed, 2, step, rank))
+    rows = batch_rows(step, args.batch, len(data.x), args.seed, device)[mine]
+    t, s = (v[my_groups] for v in draw_times(args.batch // M, cfg, generator=gen, device=device))
+    x = data.x[rows]
+    if data.kind == 'image':
+        x = encode(x)
+        if args.xflip:
+            flip = torch.rand(args.batch, generator=gen, device=device)[mine] < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if device.type == 'cuda':
+            x = x.contiguous(memory_format=torch.channels_last)
+    noise = cfg.sigma_d * torch.randn(args.batch, *x.shape[1:], generator=gen, device=device)[mine]
+    labels = None
+    if args.cond:
+        drop = torch.rand(args.batch, generator=gen, device=device)[mine] < args.label_dropout
+        labels = torch.where(drop, data.num_classes, data.labels[rows])
+    return x, noise, t, s, labels
+
+
+def train(run, first, last):
+    """Optimizer steps first .. last - 1. Returns 0, or 1 when the loss became non-finite."""
+    args, cfg, device = run.args, run.cfg, run.device
+    for step in range(first, last):
+        if run.stop:
+            run.say(f"stopped by signal {run.stop[0]} at step {step}")
+            if int(run.bad_step) < 0 and run.rank == 0 and args.out:
+                save(run, step)
+                run.say(f"wrote {os.path.join(args.out, 'ckpt.pt')} (step {step}); "
+                        f"continue with the same command plus --resume")
+            return 0
+        x, noise, t, s, labels = draw_batch(step, run.data, args, cfg, run.rank, run.world)
+
+        # Forward/backward per micro-batch of whole groups; all but the last skip DDP's all-reduce (no_sync).
+        step_loss = torch.zeros((), device=device)
+        for i in range(run.num_micro):
+            r, g = slice(i * run.micro, (i + 1) * run.micro), slice(i * run.micro // run.M, (i + 1) * run.micro // run.M)
+            last_micro = run.ddp is None or i == run.num_micro - 1
+            with contextlib.nullcontext() if last_micro else run.ddp.no_sync():
+                loss = micro_loss(run.model, x[r], noise[r], t[g], s[g], None if labels is None else labels[r],
+                                  cfg, args.loss, run.autocast) / run.num_micro
+                run.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if args.grad_clip:
+            run.scaler.unscale_(run.opt)
+            torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():                              # EMA: ema += (1 - decay) (net - ema), one fused op
+            torch._foreach_lerp_(list(run.ema.parameters()), list(run.net.parameters()), 1 - args.ema)
+        run.loss_sum += step_loss
+        run.bad_step = torch.where((run.bad_step < 0) & ~torch.isfinite(step_loss), step + 1, run.bad_step)
+        if housekeeping(run, step + 1):
+            return 1
+    return 0
+
+
+def micro_loss(model, x, noise, t, s, labels, cfg, loss, autocast):
+    """The training loss of one micro-batch: IMM (Eq. 12; t, s one per group of M rows) or flow matching."""
+    with autocast:
+        if loss == 'imm':
+            return imm_loss(model, x, noise, t, s, cfg, labels)
+        return fm_loss(model, x, noise, t, cfg, labels)
+
+
+def housekeeping(run, done):
+    """Log, pictures, FID and checkpoint on the steps that ask for them (only those read the device).
+    Returns True, having said so, when the loss has become non-finite: the last checkpoint stays intact."""
+    args = run.args
+    due = lambda every: every and (done % every == 0 or done == args.iters)
+    if not any(due(every) for every in (args.log_every, args.ckpt_every, args.sample_every, args.fid_every)):
+        return False
+    if run.world > 1:                                      # every rank stops together
+        dist.all_reduce(run.bad_step, op=dist.ReduceOp.MAX)
+    if int(run.bad_step) >= 0:
+        last_good = run.last_good or run.start_step
+        kept = f"the last good checkpoint, {os.path.join(args.out, 'ckpt.pt')} (step {last_good}), is intact" \
+            if last_good else "no checkpoint was written"
+        if run.rank == 0:
+            print(f"error: the loss became non-finite at step {int(run.bad_step)}; stopping. {kept}. "
+                  f"Try a lower --lr, --grad-clip 1, or --precision fp32.", file=sys.stderr)
+        return True
+    if due(args.log_every):
+        log(run, done)
+    if due(args.sample_every) and run.rank == 0:
+        save_pictures(run, done)
+    if due(args.fid_every):
+        evaluate_fid(run, done)
+    if due(args.ckpt_every) and run.rank == 0:
+        save(run, done)
+        run.last_good = done
+    return False
+
+
+def log(run, done):
+    """The mean loss since the last log line, speed and ETA: one progress line, one log.jsonl entry."""
+    args = run.args
+    if run.world > 1:
+        dist.all_reduce(run.loss_sum)
+    mean_loss = run.loss_sum.item() / (done - run.step_last) / run.world
+    run.loss_sum.zero_()
+    sec = (time.time() - run.t_last) / (done - run.step_last)
+    eta = sec * (args.iters - done)
+    run.say(f"step {done}/{args.iters} | loss {mean_loss:.4g} | {args.batch / sec:.0f} img/s | {sec:.3f} s/step | "
+            f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
+    write_log(run, {'step': done, 'loss': mean_loss, 'img_per_s': args.batch / sec, 'sec_per_step': sec,
+                    'eta_s': eta, 'time': time.time()})
+    run.t_last, run.step_last = time.time(), done
+
+
+def write_log(run, entry):
+    if run.log_file is not None:
+        run.log_file.write(json.dumps(entry) + '\n')
+        run.log_file.flush()
+
+
+def save_pictures(run, done):
+    """1- and 2-step samples of the EMA from the fixed noise: an image grid, or a 2-D density picture."""
+    for steps in (1, 2):
+        x0 = decode(sample(run.ema, run.pictures.noise, sampling_times(steps, run.cfg), run.cfg, run.pictures.labels,
+                           denoiser=run.args.loss == 'fm'), run.data)
+        path = os.path.join(run.args.out, 'samples', f'{done:07d}-{steps}step.png')
+        save_image_grid(x0, path) if run.data.kind == 'image' else save_scatter(x0, path, run.pictures.extent)
+
+
+def evaluate_fid(run, done):
+    """FID of --fid-n EMA samples at 1 and 2 steps (rank 0; the others wait); keeps the best as ckpt-best.pt."""
+    if run.rank == 0:
+        fids = {steps: ema_fid(run, steps) for steps in (1, 2)}
+        run.say(f"step {done} | FID-{run.args.fid_n // 1000}k 1-step {fids[1]:.3f} | 2-step {fids[2]:.3f}", flush=True)
+        write_log(run, {'step': done, 'fid_1step': fids[1], 'fid_2step': fids[2]})
+        if run.best_fid is None or fids[2] < run.best_fid:
+            run.best_fid = fids[2]
+            save(run, done, 'ckpt-best.pt')
+    if run.world > 1:
+        dist.barrier()
+
+
+def ema_fid(run, steps):
+    """FID of --fid-n samples of the EMA net at `steps` steps; the same noise (and labels) at every evaluation."""
+    from fid import fid_of_sampler
+    args, cfg, device = run.args, run.cfg, run.device
+    noise_gen = torch.Generator(device).manual_seed(seed_for(args.seed, 3))
+    num_classes = run.net.num_classes
+
+    def generate(b):
+        z = cfg.sigma_d * torch.randn(b, *run.data.x.shape[1:], generator=noise_gen, device=device)
+        labels = torch.randint(num_classes, (b,), generator=noise_gen, device=device) if num_classes else None
+        with run.autocast:
+            x0 = sample(run.ema, z, sampling_times(steps, cfg), cfg, labels, denoiser=args.loss == 'fm')
+        return to_uint8(x0)
+    return fid_of_sampler(generate, args.fid_n, run.fid.ref, net=run.fid.inception)
+
+
+def save(run, step, name='ckpt.pt'):
+    checkpoint.save(os.path.join(run.args.out, name), checkpoint.make(
+        run.net, run.ema, run.opt, run.scaler, step, run.args, run.cfg, run.data, run.best_fid))
+
+
+# ---- Helpers of the loop and of --bench
+
 def seed_for(*keys):
     """A 32-bit seed that mixes integer keys (seed, stream, step, ...) so that nearby keys give unrelated streams."""
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
@@ -154,63 +623,11 @@ def batch_rows(step, batch, n, seed, device):
     return torch.cat(rows)
 
 
-def micro_loss(model, x, noise, t, s, labels, cfg, loss, autocast):
-    """The training loss of one micro-batch: IMM (t, s one per group of M rows) or flow matching (t per row)."""
-    with autocast:
-        if loss == 'imm':
-            return imm_loss(model, x, noise, t, s, cfg, labels)
-        return fm_loss(model, x, noise, t, cfg, labels)
-
-
-def trial_step(model, shape, rows, num_classes, cfg, loss, autocast, device):
-    """One forward/backward on `rows` synthetic rows, gradients dropped: checks that a micro-batch fits and compiles."""
-    groups = rows // cfg.particles if loss == 'imm' else rows
-    t, s = draw_times(groups, cfg, device=device)
-    x = torch.zeros(rows, *shape, device=device)
-    labels = torch.zeros(rows, dtype=torch.long, device=device) if num_classes else None
-    micro_loss(model, x, cfg.sigma_d * torch.randn_like(x), t, s, labels, cfg, loss, autocast).backward()
-    model.zero_grad(set_to_none=True)
-
-
-def read_checkpoint(path):
-    """The checkpoint dict at path, or a UsageError saying why it cannot be used."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} does not exist; --resume takes a ckpt.pt written by train.py")
-    try:  # our checkpoints hold tensors and plain Python values only, so the safe loader reads them
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"cannot read checkpoint {path!r} ({reason}); it is corrupt or not written by train.py") \
-            from None
-    needed = ['net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng']
-    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UsageError(f"checkpoint {path!r} lacks {missing}; a train.py checkpoint holds {needed}")
-    return ckpt
-
-
-def config_differences(saved, wanted, prefix):
-    """'prefix.key: checkpoint A, flags B' for every key whose value differs (compared as JSON)."""
-    saved, wanted = json.loads(json.dumps(saved)), json.loads(json.dumps(wanted))
-    return [f"{prefix}.{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
-            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-
-
-def rng_state():
-    """Global RNG states (plain Python values and tensors, so torch.load(weights_only=True) reads them)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': [name, keys.tolist(), pos, has_gauss, cached], 'python': random.getstate()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state['python'])
+def synchronize(device, reset_peak_memory=False):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        if reset_peak_memory:
+            torch.cuda.reset_peak_memory_stats(device)
 
 
 def forward_flops(net, shape, num_classes, device):
@@ -223,411 +640,25 @@ def forward_flops(net, shape, num_classes, device):
     return counter.get_total_flops() / 2
 
 
-def ema_fid(ema, cfg, steps, shape, num_classes, args, fid_ref, inception, autocast, device):
-    """FID of --fid-n samples of the EMA net at `steps` steps; the same noise (and labels) at every evaluation."""
-    from fid import fid_of_sampler
-    noise_gen = torch.Generator(device).manual_seed(seed_for(args.seed, 3))
-
-    def generate(b):
-        z = cfg.sigma_d * torch.randn(b, *shape, generator=noise_gen, device=device)
-        labels = torch.randint(num_classes, (b,), generator=noise_gen, device=device) if num_classes else None
-        with autocast:
-            x0 = sample(ema, z, sampling_times(steps, cfg), cfg, labels, denoiser=args.loss == 'fm')
-        return to_uint8(x0)
-    return fid_of_sampler(generate, args.fid_n, fid_ref, net=inception)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-
-    # ---- processes and devices: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1
-    distributed = 'RANK' in os.environ
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if distributed else (0, 1)
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-    elif device.type != 'cpu':
-        raise UsageError(f"--device {args.device}: accepted cpu or cuda")
-    if distributed:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    say = print if rank == 0 else (lambda *a, **k: None)   # only rank 0 talks and writes
-
-    # ---- data (rank 0 first: it may download CIFAR-10)
-    if args.bench and args.dataset == 'cifar10':       # synthetic images: timing needs no download
-        side = args.resolution or 32
-        data = Dataset('cifar10', 'image', torch.randint(0, 256, (4096, 3, side, side), dtype=torch.uint8),
-                       torch.randint(0, 10, (4096,)), 10)
-    else:
-        if distributed and rank != 0:
-            dist.barrier()
-        data = load_dataset(args.dataset, args.data_dir, args.resolution, args.workers)
-        if distributed and rank == 0:
-            dist.barrier()
-    for key, value in DEFAULTS[data.kind].items():       # fill in what the user left to the data kind
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    shape, n = list(data.x.shape[1:]), len(data.x)
-    if args.cond and data.num_classes == 0:
-        raise UsageError(f"--cond: dataset {args.dataset!r} has no labels; leave out --cond, or use a labelled dataset "
-                         f"(cifar10, a toy, a folder with one sub-folder per class, an .npz with 'labels')")
-
-    # ---- method and network
-    if args.T is None:
-        args.T = 0.994 if args.schedule == 'fm' else 0.996
-    try:
-        cfg = IMMConfig(schedule=args.schedule, param=args.param, particles=args.particles, k=args.k, a=args.a,
-                        b=args.b, eps=args.eps, T=args.T, sigma_d=SIGMA_D, second_time=args.second_time,
-                        min_gap=args.min_gap, target_fp32=args.target_fp32)
-    except ValueError as e:
-        raise UsageError(re.sub(r'IMMConfig\.(\w+)=', lambda m: f"--{m.group(1).replace('_', '-')} ", str(e))) from None
-    net_config = dict(PRESETS[args.model], num_classes=data.num_classes if args.cond else 0)
-    if net_config['arch'] == 'unet':
-        if data.kind != 'image':
-            raise UsageError(f"--model {args.model} is a U-Net for images, but {args.dataset!r} holds vectors "
-                             f"{shape}; use --model mlp")
-        net_config.update(img_resolution=shape[1], in_channels=shape[0])
-        if args.channels:
-            net_config['model_channels'] = args.channels
-    else:
-        if data.kind != 'vector':
-            raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds images "
-                             f"{shape}; use a U-Net preset: {', '.join(k for k in PRESETS if k != args.model)}")
-        net_config['dim'] = shape[0]
-        if args.channels:
-            net_config['hidden'] = args.channels
-    if args.dropout is not None:
-        net_config['dropout'] = args.dropout
-
-    # ---- batch layout: global batch -> ranks -> micro-batches of whole groups of M particles
-    M = cfg.particles if args.loss == 'imm' else 1
-    for flag, ok, accepted in [
-            ('iters', args.iters >= 0, 'an integer >= 0'), ('batch', args.batch >= 1, 'an integer >= 1'),
-            ('log_every', args.log_every >= 1, 'an integer >= 1'),
-            ('ckpt_every', args.ckpt_every >= 1, 'an integer >= 1'),
-            ('sample_every', args.sample_every >= 0, 'an integer >= 0 (0 = never)'),
-            ('fid_every', args.fid_every >= 0, 'an integer >= 0 (0 = never)'),
-            ('fid_n', args.fid_n >= 2, 'an integer >= 2'), ('bench', args.bench >= 0, 'an integer >= 0'),
-            ('lr', args.lr > 0, 'a positive number'), ('ema', 0 <= args.ema < 1, 'a number in [0, 1)'),
-            ('grad_clip', args.grad_clip >= 0, 'a number >= 0 (0 = off)'),
-            ('label_dropout', 0 <= args.label_dropout <= 1, 'a probability in [0, 1]'),
-            ('threads', args.threads >= 0, "an integer >= 0 (0 = torch's default)")]:
-        if not ok:
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: accepted {accepted}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch % (M * world):
-        raise UsageError(f"--batch {args.batch} must be divisible by M x ranks = {M} x {world} = {M * world}, "
-                         f"so that every rank gets whole groups of M particles (--particles {M}); "
-                         f"e.g. --batch {(args.batch // (M * world) + 1) * M * world}")
-    per_rank = args.batch // world
-    if args.micro_batch != 'auto':
-        try:
-            micro = int(args.micro_batch)
-        except ValueError:
-            micro = 0
-        if micro < 1 or micro % M or per_rank % micro:
-            raise UsageError(f"--micro-batch {args.micro_batch}: accepted 'auto' or a multiple of M={M} that divides "
-                             f"the per-rank batch {per_rank} (--batch {args.batch} over {world} ranks)")
-    if args.fid_every and data.kind != 'image':
-        raise UsageError(f"--fid-every {args.fid_every}: FID needs images, {args.dataset!r} holds vectors")
-    if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
-        raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
-                         f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
-
-    # ---- where to write, and where to resume from (checked before anything is written)
-    args.out = args.out or os.path.join('runs', os.path.splitext(os.path.basename(args.dataset.rstrip('/\\')))[0])
-    ckpt_path = os.path.join(args.out, 'ckpt.pt')
-    ckpt = None
-    torch.manual_seed(args.seed)                           # the initial weights (replaced when resuming)
-    net = build_net(net_config)
-    if args.resume is not None and not args.bench:
-        resume_path = args.resume or ckpt_path
-        ckpt = read_checkpoint(resume_path)
-        differences = (config_differences(ckpt['net_config'], net.config, 'net_config')
-                       + config_differences(ckpt['imm_config'], asdict(cfg), 'imm_config')
-                       + config_differences({'loss': ckpt['args'].get('loss')}, {'loss': args.loss}, 'args'))
-        if differences:
-            raise UsageError(f"checkpoint {resume_path!r} was trained with another config: {'; '.join(differences)}. "
-                             f"Pass the flags of the run that wrote it.")
-    elif os.path.exists(ckpt_path) and not args.bench:
-        raise UsageError(f"{args.out!r} already holds a run ({ckpt_path}); continue it with --resume, "
-                         f"or start a new one with another --out")
-
-    # ---- precision
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == 'tf32'
-    torch.backends.cudnn.benchmark = True
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-
-    # ---- network, EMA, optimizer (state from the checkpoint when resuming)
-    net = net.to(device)
-    channels_last = device.type == 'cuda' and data.kind == 'image'
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    fused = {'fused': True} if 'fused' in inspect.signature(torch.optim.RAdam).parameters and device.type == 'cuda' \
-        else {'foreach': device.type == 'cuda'}                # one kernel per op for all tensors
-    opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0, **fused)
-    start_step, best_fid = 0, None
-    if ckpt is not None:
-        net.load_state_dict(ckpt['net'])
-        ema.load_state_dict(ckpt['ema'])
-        opt.load_state_dict(ckpt['opt'])
-        for group in opt.param_groups:                    # --lr may change on resume
-            group['lr'] = args.lr
-        if ckpt['scaler'] is not None and scaler.is_enabled():
-            scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt['rng'])
-        start_step, best_fid = ckpt['step'], ckpt.get('best_fid')
-        del ckpt
+def report_bench(run, compiled, step_s):
+    """--bench: one JSON line of speed (img/s, s/step), peak memory, counted TFLOP/s and MFU per device."""
+    args, net, device = run.args, run.net, run.device
+    fwd_flops = forward_flops(net, list(run.data.x.shape[1:]), net.num_classes, device)
+    passes = 4 if args.loss == 'imm' else 3                # forward passes' worth: IMM 2 forward + backward
+    tflops = fwd_flops * passes * args.batch / step_s / 1e12 / run.world                       # per device
+    gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
+    peak = args.peak_tflops or next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = sum(p.numel() for p in net.parameters())
-    data_info = {'name': data.name, 'kind': data.kind, 'shape': shape, 'num_classes': data.num_classes,
-                 'mean': None if data.mean is None else data.mean.tolist(),
-                 'std': None if data.std is None else data.std.tolist()}
-
-    def checkpoint(step):
-        return {'net': net.state_dict(), 'ema': ema.state_dict(), 'opt': opt.state_dict(),
-                'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'step': step, 'args': vars(args),
-                'net_config': net.config, 'imm_config': asdict(cfg), 'data': data_info, 'rng': rng_state(),
-                'best_fid': best_fid}
-
-    # ---- micro-batch size (largest that fits), torch.compile (eager if it fails), DDP
-    num_classes = net.num_classes
-    if args.micro_batch == 'auto':
-        micro = per_rank
-        while device.type == 'cuda':
-            try:
-                trial_step(net, shape, micro, num_classes, cfg, args.loss, autocast, device)
-                break
-            except torch.cuda.OutOfMemoryError:
-                pass                                      # retried below, once the exception has let go of its memory
-            net.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            smaller = [m for m in range(M, micro // 2 + 1, M) if per_rank % m == 0]
-            if not smaller:
-                raise UsageError(f"--micro-batch auto: even {micro} rows (M={M}) do not fit in GPU memory; "
-                                 f"use a smaller --model / --channels or --precision bf16")
-            micro = smaller[-1]
-        if distributed:                                   # every rank must use the same split
-            agreed = torch.tensor([micro], device=device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-            micro = int(agreed.item())
-    num_micro = per_rank // micro
-    model = net
-    if args.compile:
-        try:
-            model = torch.compile(net)
-            trial_step(model, shape, micro, num_classes, cfg, args.loss, autocast, device)
-        except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training without it", file=sys.stderr)
-            model = net
-            net.zero_grad(set_to_none=True)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                  broadcast_buffers=False) if distributed else None
-    train_net = ddp if ddp is not None else model
-
-    inception = None
-    if args.fid_every and rank == 0 and not args.bench:
-        from fid import InceptionFeatures, load_ref
-        try:
-            inception = InceptionFeatures(args.fid_weights).to(device)
-            fid_ref = load_ref(args.fid_ref)
-        except Exception as e:
-            raise UsageError(f"FID set-up failed: {e}") from None
-
-    # ---- output folder, fixed noise for pictures
-    if rank == 0 and not args.bench:
-        os.makedirs(os.path.join(args.out, 'samples'), exist_ok=True)
-        log_path = os.path.join(args.out, 'log.jsonl')
-        if start_step and os.path.exists(log_path):       # drop entries of steps after the checkpoint
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start_step]
-            with open(log_path + '.tmp', 'w') as f:
-                f.writelines(kept)
-            os.replace(log_path + '.tmp', log_path)
-        log_file = open(log_path, 'a')
-        shown = SAMPLES_SHOWN[data.kind]
-        fixed = torch.Generator().manual_seed(args.seed)
-        fixed_noise = (cfg.sigma_d * torch.randn(shown, *shape, generator=fixed)).to(device)
-        fixed_labels = (torch.arange(shown) % num_classes).to(device) if num_classes else None
-        extent = None
-        if data.kind == 'vector':                          # the data's own picture, on the samples' axes
-            real = decode(data.x[torch.randperm(n, generator=fixed)[:shown]], data)
-            lo, hi = float(real[:, :2].min()), float(real[:, :2].max())
-            extent = (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-            save_scatter(real, os.path.join(args.out, 'data.png'), extent)
-    data_x = data.x.to(device)
-    data_labels = data.labels.to(device) if num_classes else None
-    iters = start_step + BENCH_WARMUP + args.bench if args.bench else args.iters
-    say(f"{data.name}: {data.kind} {shape} x {n}{f', {num_classes} classes' if num_classes else ''} | "
-        f"{net_config['arch']} {args.model} {params / 1e6:.2f}M params | {args.loss} M={M} | batch {args.batch} = "
-        f"{world} rank(s) x {num_micro} x {micro} | {device} {args.precision}"
-        f"{' compiled' if model is not net else ''} | "
-        f"steps {start_step}->{iters} | {'bench' if args.bench else args.out}")
-
-    # ---- Ctrl-C / SIGTERM: finish the step in progress, write a checkpoint, stop
-    stop = []
-    def request_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)             # a second signal stops at once
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    # ---- the training loop
-    gen = torch.Generator(device)                          # draws of a step, the same on every rank
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)   # this rank's rows of the global batch ...
-    my_groups = slice(rank * per_rank // M, (rank + 1) * per_rank // M)  # ... and its groups of M rows
-    loss_sum = torch.zeros((), device=device)              # summed on the device; read only when logging
-    bad_step = torch.full((), -1, device=device)           # first step with a non-finite loss, -1 if none
-    last_good = None                                       # step of the newest checkpoint written
-    t_last, step_last, bench_start = time.time(), start_step, None
-    status = 0
-    for step in range(start_step, iters):
-        if stop:
-            say(f"stopped by signal {stop[0]} at step {step}")
-            if int(bad_step) < 0 and rank == 0 and not args.bench:
-                write_atomically(ckpt_path, functools.partial(torch.save, checkpoint(step)))
-                say(f"wrote {ckpt_path} (step {step}); continue with the same command plus --resume")
-            break
-        if args.bench and step == start_step + BENCH_WARMUP:
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            bench_start = time.time()
-
-        # Draw the global batch: rows, times, flips, noise, dropped labels; this rank keeps its slice.
-        gen.manual_seed(seed_for(args.seed, 1, step))
-        torch.manual_seed(seed_for(args.seed, 2, step, rank))  # dropout masks, different on every rank
-        rows = batch_rows(step, args.batch, n, args.seed, device)[mine]
-        t, s = (v[my_groups] for v in draw_times(args.batch // M, cfg, generator=gen, device=device))
-        x = data_x[rows]
-        if data.kind == 'image':                           # uint8 -> [-1, 1] (spec 6), random x-flip
-            x = x.float() / 127.5 - 1
-            if args.xflip:
-                flip = torch.rand(args.batch, generator=gen, device=device)[mine] < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        noise = cfg.sigma_d * torch.randn(args.batch, *shape, generator=gen, device=device)[mine]
-        labels = None
-        if num_classes:
-            drop = torch.rand(args.batch, generator=gen, device=device)[mine] < args.label_dropout
-            labels = torch.where(drop, num_classes, data_labels[rows])
-
-        # Forward/backward per micro-batch; gradients of all but the last are not all-reduced (no_sync).
-        step_loss = torch.zeros((), device=device)
-        for i in range(num_micro):
-            r = slice(i * micro, (i + 1) * micro)
-            g = slice(i * micro // M, (i + 1) * micro // M) if args.loss == 'imm' else r
-            with ddp.no_sync() if ddp is not None and i < num_micro - 1 else contextlib.nullcontext():
-                loss = micro_loss(train_net, x[r], noise[r], t[g], s[g], None if labels is None else labels[r],
-                                  cfg, args.loss, autocast) / num_micro
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if args.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():                              # EMA: ema += (1 - decay) (net - ema), one fused op
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema)
-        loss_sum += step_loss
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step + 1, bad_step)
-        done = step + 1
-
-        # Housekeeping (reads the device, so only on the steps that need it).
-        if args.bench:
-            continue
-        log_now = done % args.log_every == 0 or done == iters
-        ckpt_now = done % args.ckpt_every == 0 or done == iters
-        sample_now = args.sample_every and (done % args.sample_every == 0 or done == iters)
-        fid_now = args.fid_every and (done % args.fid_every == 0 or done == iters)
-        if not (log_now or ckpt_now or sample_now or fid_now):
-            continue
-        if distributed:                                    # every rank stops together
-            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-        if int(bad_step) >= 0:
-            kept = f"the last good checkpoint, {ckpt_path} (step {last_good or start_step}), is intact" \
-                if last_good or start_step else "no checkpoint was written"
-            if rank == 0:
-                print(f"error: the loss became non-finite at step {int(bad_step)}; stopping. {kept}. "
-                      f"Try a lower --lr, --grad-clip 1, or --precision fp32.", file=sys.stderr)
-            status = 1
-            break
-        if log_now:
-            if distributed:
-                dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / (done - step_last) / world
-            loss_sum.zero_()
-            sec = (time.time() - t_last) / (done - step_last)
-            eta = sec * (iters - done)
-            entry = {'step': done, 'loss': mean_loss, 'img_per_s': args.batch / sec, 'sec_per_step': sec,
-                     'eta_s': eta, 'time': time.time()}
-            say(f"step {done}/{iters} | loss {mean_loss:.4g} | {args.batch / sec:.0f} img/s | {sec:.3f} s/step | "
-                f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
-            if rank == 0:
-                log_file.write(json.dumps(entry) + '\n')
-                log_file.flush()
-            t_last, step_last = time.time(), done
-        if rank == 0 and sample_now:                       # 1- and 2-step samples of the EMA from fixed noise
-            for steps in (1, 2):
-                x0 = decode(sample(ema, fixed_noise, sampling_times(steps, cfg), cfg, fixed_labels,
-                                   denoiser=args.loss == 'fm'), data)
-                path = os.path.join(args.out, 'samples', f'{done:07d}-{steps}step.png')
-                save_image_grid(x0, path) if data.kind == 'image' else save_scatter(x0, path, extent)
-        if fid_now:                                        # FID of the EMA at 1 and 2 steps (rank 0; others wait)
-            if rank == 0:
-                fids = {steps: ema_fid(ema, cfg, steps, shape, num_classes, args, fid_ref, inception, autocast, device)
-                        for steps in (1, 2)}
-                entry = {'step': done, 'fid_1step': fids[1], 'fid_2step': fids[2]}
-                say(f"step {done} | FID-{args.fid_n // 1000}k 1-step {fids[1]:.3f} | 2-step {fids[2]:.3f}", flush=True)
-                log_file.write(json.dumps(entry) + '\n')
-                log_file.flush()
-                if best_fid is None or fids[2] < best_fid:
-                    best_fid = fids[2]
-                    write_atomically(os.path.join(args.out, 'ckpt-best.pt'),
-                                     functools.partial(torch.save, checkpoint(done)))
-            if distributed:
-                dist.barrier()
-        if rank == 0 and ckpt_now:
-            write_atomically(ckpt_path, functools.partial(torch.save, checkpoint(done)))
-            last_good = done
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-
-    if args.bench and bench_start is not None:
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        step_s = (time.time() - bench_start) / args.bench
-        fwd_flops = forward_flops(net, shape, num_classes, device)
-        passes = 4 if args.loss == 'imm' else 3            # forward passes' worth: IMM 2 forward + backward
-        tflops = fwd_flops * passes * args.batch / step_s / 1e12 / world                            # per device
-        gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
-        peak = args.peak_tflops or next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-        peak_mem = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        say(json.dumps({'img_per_s': round(args.batch / step_s, 2), 'step_s': round(step_s, 5),
+    run.say(json.dumps({'img_per_s': round(args.batch / step_s, 2), 'step_s': round(step_s, 5),
                         'peak_mem_gb': round(peak_mem / 2 ** 30, 3), 'tflops': round(tflops, 3),
                         'mfu': round(tflops / peak, 4) if peak else None, 'peak_tflops': peak,
                         'fwd_gflops_per_sample': float(f"{fwd_flops / 1e9:.4g}"),
-                        'device': gpu or str(device), 'world_size': world, 'precision': args.precision,
-                        'compiled': model is not net, 'model': args.model, 'params_m': round(params / 1e6, 3),
-                        'loss': args.loss, 'batch': args.batch, 'micro_batch': micro, 'steps': args.bench}), flush=True)
-    elif rank == 0 and status == 0 and not stop:
-        say(f"done: {ckpt_path} at step {iters}. Sample with: python sample.py --ckpt {args.out}")
-    if rank == 0 and not args.bench:
-        log_file.close()
-    if distributed:  # tear down together, DDP first: gloo work it still holds at interpreter exit aborts the rank
-        ddp = train_net = None
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-    return status
+                        'device': gpu or str(device), 'world_size': run.world, 'precision': args.precision,
+                        'compiled': compiled, 'model': args.model, 'params_m': round(params / 1e6, 3),
+                        'loss': args.loss, 'batch': args.batch, 'micro_batch': run.micro, 'steps': args.bench}),
+            flush=True)
 
 
 if __name__ == '__main__':

@@ -19,12 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
 
+import checkpoint  # noqa: E402
 import train  # noqa: E402
-from data import UsageError  # noqa: E402
+from data import Dataset, UsageError, encode, load_dataset  # noqa: E402
 from imm import IMMConfig  # noqa: E402
 from model import build_net  # noqa: E402
-
-CHECKPOINT_KEYS = {'net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng'}
 
 
 def toy(out, *extra, iters=6):
@@ -46,7 +45,7 @@ def run_script(*args, timeout=300):
 def test_a_toy_run_writes_checkpoint_log_and_pictures(tmp_path):
     assert train.main(toy(tmp_path, '--sample-every', '3')) == 0
     ckpt = load(tmp_path / 'ckpt.pt')
-    assert CHECKPOINT_KEYS <= set(ckpt) and ckpt['step'] == 6 and ckpt['scaler'] is None
+    assert set(checkpoint.KEYS) <= set(ckpt) and ckpt['step'] == 6 and ckpt['scaler'] is None
     assert ckpt['args']['dataset'] == 'moons' and ckpt['args']['iters'] == 6 and json.dumps(ckpt['args'])
     assert ckpt['data'] == {'name': 'moons', 'kind': 'vector', 'shape': [2], 'num_classes': 2,
                             'mean': ckpt['data']['mean'], 'std': ckpt['data']['std']}
@@ -253,3 +252,68 @@ def test_torchrun_with_two_ranks_matches_one_process(tmp_path):
     loss = [[json.loads(line)['loss'] for line in (tmp_path / run / 'log.jsonl').read_text().splitlines()]
             for run in ('one', 'two')]
     assert np.allclose(loss[0], loss[1], rtol=1e-4)
+
+
+# ---- the pure pieces of train.py: settings and the batch draw, no training run
+
+def settings(data, *flags, world=1):
+    return train.resolve_settings(train.parse_args(['--dataset', data.name, *map(str, flags)]), data, world)
+
+
+def image_data(n=12, num_classes=3):
+    images = torch.randint(0, 256, (n, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return Dataset('images', 'image', images, torch.arange(n) % num_classes, num_classes)
+
+
+def test_settings_fill_the_data_kinds_defaults_and_keep_the_flags_given():
+    vectors = load_dataset('moons')
+    args, cfg, net_config, M, micro = settings(vectors, '--lr', '0.01')
+    assert (args.iters, args.batch, args.lr, args.model, args.out) == (6000, 512, 0.01, 'mlp', os.path.join('runs', 'moons'))
+    assert cfg == IMMConfig() and M == 4 and micro == 'auto' and net_config['dim'] == 2 and net_config['hidden'] == 64
+    args, cfg, net_config, M, micro = settings(image_data(), '--cond', '--micro-batch', '8', '--model', 'tiny')
+    assert (args.iters, args.batch, args.ema, args.lr) == (400_000, 4096, 0.9999, 1e-4)
+    assert net_config['arch'] == 'unet' and net_config['img_resolution'] == 4 and net_config['num_classes'] == 3
+    assert micro == 8
+
+
+def test_settings_do_not_change_the_parsed_flags():
+    parsed = train.parse_args(['--dataset', 'moons'])
+    before = dict(vars(parsed))
+    train.resolve_settings(parsed, load_dataset('moons'), 1)
+    assert vars(parsed) == before
+
+
+def test_flow_matching_is_the_m_equals_1_case_of_the_batch_layout():
+    args, cfg, _, M, _ = settings(load_dataset('moons'), '--loss', 'fm', '--batch', '6', '--micro-batch', '3')
+    assert M == 1 and cfg.particles == 4                     # any batch size: every row is its own group
+
+
+def test_bench_is_a_configuration_that_writes_nothing():
+    args, *_ = settings(load_dataset('moons'), '--bench', '5', '--resume', '--out', 'somewhere')
+    assert args.out is None and args.resume is None and args.iters == train.BENCH_WARMUP + 5
+    assert (args.log_every, args.ckpt_every, args.sample_every, args.fid_every) == (0, 0, 0, 0)
+
+
+def test_draw_batch_gives_each_group_one_time_pair_and_images_in_the_network_range():
+    data = image_data()
+    args, cfg, *_ = settings(data, '--batch', '8', '--cond', '--label-dropout', '0.5')
+    x, noise, t, s, labels = train.draw_batch(0, data, args, cfg)
+    assert x.shape == noise.shape == (8, 3, 4, 4) and t.shape == s.shape == (2,) and labels.shape == (8,)
+    assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and (s < t).all()
+    assert set(labels.tolist()) <= {0, 1, 2, 3}              # 3 = the null class of label dropout
+    rows = train.batch_rows(0, 8, len(data.x), args.seed, torch.device('cpu'))
+    plain = encode(data.x[rows])                             # every image is itself or its mirror image
+    assert all(torch.equal(x[i], plain[i]) or torch.equal(x[i], plain[i].flip(2)) for i in range(8))
+    again = train.draw_batch(0, data, args, cfg)
+    assert all(torch.equal(a, b) for a, b in zip((x, noise, t, s, labels), again))
+    other = train.draw_batch(1, data, args, cfg)
+    assert not torch.equal(noise, other[1]) and not torch.equal(t, other[2])
+
+
+def test_draw_batch_on_two_ranks_splits_the_one_rank_batch():
+    data = image_data()
+    args, cfg, *_ = settings(data, '--batch', '8', '--cond')
+    whole = train.draw_batch(3, data, args, cfg)
+    halves = [train.draw_batch(3, data, args, cfg, rank, world=2) for rank in (0, 1)]
+    for a, b0, b1 in zip(whole, *halves):
+        assert torch.equal(a, torch.cat([b0, b1]))
