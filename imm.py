@@ -154,8 +154,8 @@ def one_step(net, x_t, s, t, cfg, labels=None, guidance=1.0):
     s, t = _f64(s, x_t).expand(B), _f64(t, x_t).expand(B)
     c_skip, c_out = c_skip_out(s, t, cfg)
     x_in = _per_sample(c_in(t, cfg), x_t) * x_t
-    c_noise_t = (1000 * t).float()
-    c_noise_s = (1000 * (s if cfg.second_time == 's' else t - s)).float()
+    c_noise_t = (1000 * t).to(torch.promote_types(x_t.dtype, torch.float32))   # fp32, or float64 for a float64 x
+    c_noise_s = (1000 * (s if cfg.second_time == 's' else t - s)).to(c_noise_t.dtype)
     if guidance == 1.0:
         G = net(x_in, c_noise_t, c_noise_s, labels)
     else:
@@ -305,7 +305,7 @@ def sample(net, noise, times, cfg, labels=None, guidance=1.0, restart=False, gen
     Restart (Algorithm 5): jump to the end, x_end = f_{t_0, t_i}(x_{t_i}), then re-noise it to t_{i-1} with
     fresh noise from `generator`. denoiser=True: for a net trained with fm_loss, each jump is a DDIM step (Eq. 11)
     on the clean estimate f_{0,t}(x_t), the usual deterministic sampler of flow matching.
-    The state x is kept in fp32 whatever precision the network runs in.
+    The state x is kept in fp32 whatever precision the network runs in (float64 for a float64 network).
     """
     times = [float(v) for v in times]
     if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:])):
@@ -313,10 +313,11 @@ def sample(net, noise, times, cfg, labels=None, guidance=1.0, restart=False, gen
 
     def jump(x, s, t):  # x at time t -> time s
         if denoiser:
-            return ddim(x, one_step(net, x, 0.0, t, cfg, labels, guidance).float(), t, s, cfg)
-        return one_step(net, x, s, t, cfg, labels, guidance).float()
+            return ddim(x, one_step(net, x, 0.0, t, cfg, labels, guidance).to(x.dtype), t, s, cfg)
+        return one_step(net, x, s, t, cfg, labels, guidance).to(x.dtype)
 
-    x, t_end = noise.float(), times[-1]
+    wide = any(p.dtype == torch.float64 for p in getattr(net, 'parameters', list)())
+    x, t_end = noise.to(torch.float64 if wide else torch.float32), times[-1]
     for t_cur, t_next in zip(times[:-1], times[1:]):
         if restart and t_next != t_end:
             alpha, sigma = alpha_sigma(t_next, cfg)

@@ -468,6 +468,16 @@ def test_pushforward_composes_jumps_and_restart_renoises_from_the_end():
     assert torch.allclose(out, restart, atol=1e-6)
 
 
+def test_a_float64_network_samples_in_float64():
+    cfg = imm.IMMConfig()                                   # the authors' sampler keeps its net in float64
+    net = random_output_mlp().float()
+    noise = cfg.sigma_d * torch.randn(4, 3)
+    times = imm.sampling_times(2, cfg)
+    wide = imm.sample(net.double(), noise, times, cfg)
+    assert wide.dtype == torch.float64
+    assert torch.allclose(wide.float(), imm.sample(net.float(), noise, times, cfg), atol=1e-5)
+
+
 def test_sampler_rejects_times_that_do_not_decrease():
     with pytest.raises(ValueError, match='strictly decreasing'):
         imm.sample(random_output_mlp().float(), torch.randn(2, 3), [0.5, 0.7], imm.IMMConfig())
