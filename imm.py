@@ -55,7 +55,8 @@ class IMMConfig:
         check(self.param != 'euler_fm' or self.schedule == 'fm', 'param', "'euler_fm' only with schedule='fm'")
         check(isinstance(self.particles, int) and self.particles >= 1, 'particles', 'an integer >= 1')
         check(isinstance(self.k, int) and self.k >= 0, 'k', 'an integer >= 0')
-        check(0 < self.eps < self.T < 1, 'eps', f'0 < eps < T < 1 (T={self.T})')
+        check(0 <= self.eps < self.T < 1 and (self.eps > 0 or self.param != 'identity'), 'eps',
+              f"0 <= eps < T < 1 (T={self.T}); eps > 0 with param='identity', whose c_skip divides by sigma_eps")
         check(self.sigma_d > 0, 'sigma_d', 'a positive number')
         check(self.second_time in SECOND_TIMES, 'second_time', "'s' or 't-s'")
         check(0 <= self.min_gap < self.T - self.eps, 'min_gap', '0 <= min_gap < T - eps')

@@ -94,7 +94,7 @@ def parse_args(argv=None):
     add('--k', type=int, default=15, help='r(s,t) steps eta by (eta_max - eta_min) / 2^k (paper: 15 on CIFAR-10)')
     add('--a', type=float, default=1.0, help='time weighting exponent on alpha_t (Eq. 13)')
     add('--b', type=float, default=5.0, help='time weighting sigmoid shift (Eq. 13)')
-    add('--eps', type=float, default=0.006, help='smallest time, where sampling ends')
+    add('--eps', type=float, default=0.006, help='smallest time, where sampling ends; 0 is allowed except with --param identity')
     add('--T', type=float, help='largest time, where sampling starts (default: 0.994 for fm, 0.996 for cosine)')
     add('--second-time', choices=['s', 't-s'], default='s', help='second network condition: 1000 s or 1000 (t - s)')
     add('--min-gap', type=float, default=0.0, help='keep r <= t - min_gap (App. I.6: 1e-4 with fp16); 0 = off')

@@ -468,6 +468,24 @@ def test_pushforward_composes_jumps_and_restart_renoises_from_the_end():
     assert torch.allclose(out, restart, atol=1e-6)
 
 
+@pytest.mark.parametrize('schedule, param', [('fm', 'simple_edm'), ('fm', 'euler_fm'), ('cosine', 'simple_edm')])
+def test_eps_zero_trains_and_samples_to_clean_data(schedule, param):
+    cfg = imm.IMMConfig(schedule=schedule, param=param, eps=0.0)   # the authors' ImageNet release: fm, eps = 0
+    net = random_output_mlp(dim=2).float()
+    x, noise = torch.randn(8, 2) * 0.5, torch.randn(8, 2) * 0.5
+    t = torch.tensor([1e-7, 0.5], dtype=torch.float64)               # r and s both reach 0 in the first group
+    loss = imm.imm_loss(net, x, noise, t, torch.zeros(2, dtype=torch.float64), cfg)
+    assert torch.isfinite(loss) and imm.mapping_r(0.0, 1e-7, cfg).item() == 0.0
+    assert imm.sampling_times(2, cfg)[-1] == 0.0 and torch.isfinite(imm.sample(net, noise, [cfg.T, cfg.eps], cfg)).all()
+
+
+def test_eps_zero_is_refused_for_the_identity_parameterization():
+    with pytest.raises(ValueError, match="eps > 0 with param='identity'"):
+        imm.IMMConfig(param='identity', eps=0.0)
+    with pytest.raises(ValueError, match='0 <= eps < T'):
+        imm.IMMConfig(eps=-0.1)
+
+
 def test_a_float64_network_samples_in_float64():
     cfg = imm.IMMConfig()                                   # the authors' sampler keeps its net in float64
     net = random_output_mlp().float()
