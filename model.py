@@ -56,15 +56,16 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, freq_channels, emb_channels, max_period=10000):
         super().__init__()
-        half = freq_channels // 2
-        # float64: c_noise reaches 1000 rad, where float32 angles would be off by ~1e-4 (the authors use float64).
-        self.register_buffer('freqs', max_period ** (-torch.arange(half, dtype=torch.float64) / (half - 1)),
-                             persistent=False)
+        self.half, self.max_period = freq_channels // 2, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_channels, emb_channels), nn.SiLU(),
                                  nn.Linear(emb_channels, emb_channels))
 
     def sinusoids(self, c_noise):
-        angles = c_noise.double()[:, None] * self.freqs[None]
+        # In float64 whatever the net's dtype (no buffer, so net.float() cannot round it): c_noise reaches 1000 rad,
+        # where float32 angles would be off by ~1e-4 (the authors compute these in float64 too).
+        freqs = self.max_period ** (-torch.arange(self.half, dtype=torch.float64, device=c_noise.device)
+                                    / (self.half - 1))
+        angles = c_noise.double()[:, None] * freqs[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1).to(self.mlp[0].weight.dtype)
 
     def forward(self, c_noise, extra=0):
