@@ -7,6 +7,7 @@ import collections
 import io
 import pickle
 import re
+import typing
 import warnings
 
 import numpy as np
@@ -61,6 +62,21 @@ def _reconstructor(cls, base, state):  # copyreg._reconstructor (protocols 0 and
     return cls.__new__(cls)
 
 
+class _OmegaConf(_Record):
+    """An omegaconf container or node (their settings come from hydra configs), kept as its state."""
+    class_name = 'omegaconf'
+
+
+def _plain(value):
+    """A setting as a plain value: omegaconf's ListConfig -> list, DictConfig -> dict, value nodes -> their value."""
+    if isinstance(value, _OmegaConf):
+        state = value.state if isinstance(value.state, dict) else {}
+        value = state['_val'] if '_val' in state else state.get('_content')
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def _storage_from_bytes(b):  # torch.storage._load_from_bytes, with torch's own restricted loader
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UserWarning)  # TypedStorage is deprecated
@@ -85,6 +101,14 @@ _AUTHORS_GLOBALS = {
     ('numpy', 'dtype'): np.dtype,
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar, ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
     **{('torch.nn.modules.container', name): _torch_container(name) for name in ('ModuleDict', 'ModuleList')},
+    # omegaconf objects in _init_kwargs (a list setting passed on from a hydra config stays a ListConfig), with the
+    # plain types and the typing.Any their metadata names.
+    **{(module, name): _OmegaConf for module, name in [
+        ('omegaconf.listconfig', 'ListConfig'), ('omegaconf.dictconfig', 'DictConfig'),
+        ('omegaconf.base', 'ContainerMetadata'), ('omegaconf.base', 'Metadata'),
+        *[('omegaconf.nodes', f'{kind}Node') for kind in ('Any', 'Integer', 'Float', 'String', 'Boolean')]]},
+    ('collections', 'defaultdict'): collections.defaultdict, ('typing', 'Any'): typing.Any,
+    **{('builtins', t.__name__): t for t in (dict, list, tuple, int, float, str, bool)},
 }
 
 
@@ -190,7 +214,7 @@ def _refuse_unless(ok, what, value, accepted):
 def _authors_imm_config(precond):
     """IMMConfig from the attributes their IMMPrecond.forward uses (noise_schedule, f_type, temb_type, ...)."""
     a = {**dict(noise_schedule='fm', sigma_data=0.5, f_type='euler_fm', T=0.994, eps=0.0, temb_type='identity',
-                time_scale=1000.0), **precond.state.get('_init_kwargs', {}), **precond.state}
+                time_scale=1000.0), **_plain(precond.state.get('_init_kwargs', {})), **{k: _plain(v) for k, v in precond.state.items() if not k.startswith('_')}}
     _refuse_unless(a['noise_schedule'] in _SCHEDULES, 'noise_schedule', a['noise_schedule'], ', '.join(_SCHEDULES))
     _refuse_unless(a['temb_type'] in _SECOND_TIMES, 'temb_type', a['temb_type'], ', '.join(_SECOND_TIMES))
     _refuse_unless(a['time_scale'] == 1000, 'time_scale', a['time_scale'], '1000 (c_noise = 1000 t, spec 4)')
@@ -202,7 +226,7 @@ def _authors_imm_config(precond):
 
 
 def _authors_net_config(precond, unet):
-    k = {**_SONGUNET_DEFAULTS, **_SONGUNET_REQUIRED, **unet.state.get('_init_kwargs', {})}
+    k = {**_SONGUNET_DEFAULTS, **_SONGUNET_REQUIRED, **_plain(unet.state.get('_init_kwargs', {}))}
     for name, value in _SONGUNET_REQUIRED.items():
         _refuse_unless((list(k[name]) if isinstance(value, list) else k[name]) == value, name, k[name], repr(value))
     _refuse_unless(k['in_channels'] == k['out_channels'], 'out_channels', k['out_channels'],
@@ -239,7 +263,7 @@ def load_authors_pickle(path):
         raise UsageError(f"{path}: the authors' weights do not fit the network their settings describe: {e}") from None
     net = net.double() if dtypes == ['torch.float64'] else net.float()
     info = dict(path=str(path), network='IMMPrecond(SongUNet)', net_config=config, dtypes=dtypes,
-                precond_kwargs=dict(precond.state.get('_init_kwargs', {})),
-                unet_kwargs=dict(unet.state.get('_init_kwargs', {})),
+                precond_kwargs=_plain(precond.state.get('_init_kwargs', {})),
+                unet_kwargs=_plain(unet.state.get('_init_kwargs', {})),
                 mixed_precision=precond.state.get('mixed_precision'))
     return net.eval().requires_grad_(False), cfg, info

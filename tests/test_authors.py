@@ -187,6 +187,32 @@ def test_settings_we_cannot_represent_are_refused_by_name(write, tmp_path):
         checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, time_scale=250)))
 
 
+def omegaconf_list(values, monkeypatch):
+    """A list as omegaconf pickles a ListConfig (what a hydra config's list setting stays in their kwargs):
+    the container's state holds '_content', a list of value nodes each holding '_val'."""
+    classes = {}
+    monkeypatch.setitem(sys.modules, 'omegaconf', types.ModuleType('omegaconf'))
+    for module, name in [('omegaconf.listconfig', 'ListConfig'), ('omegaconf.nodes', 'AnyNode')]:
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+        classes[name] = type(name, (), {'__module__': module})
+        setattr(sys.modules[module], name, classes[name])
+        setattr(sys.modules['omegaconf'], module.split('.')[1], sys.modules[module])
+    container = classes['ListConfig']()
+    container.__dict__.update(_metadata=None, _parent=None, _content=[classes['AnyNode']() for _ in values])
+    for node, value in zip(container._content, values):
+        node.__dict__.update(_metadata=None, _parent=container, _flags_cache=None, _val=value)
+    return container
+
+
+def test_settings_held_as_omegaconf_lists_are_read_as_lists(write, tmp_path, monkeypatch):
+    net = random_net(model.PRESETS['tiny'])
+    precond = authors_precond(net)
+    unet_kwargs = precond.state['_modules']['model'].state['_init_kwargs']
+    unet_kwargs['channel_mult'] = omegaconf_list(net.config['channel_mult'], monkeypatch)
+    loaded, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', precond))
+    assert loaded.config == net.config and info['unet_kwargs']['channel_mult'] == [1, 2]
+
+
 def test_the_source_embedded_in_their_file_is_never_run(write, tmp_path):
     marker = tmp_path / 'written_by_the_file'
     payload = f'open({str(marker)!r}, "w").write("ran")\n'
