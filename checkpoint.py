@@ -42,8 +42,8 @@ class _Record:
 
 def _persistent_record(meta):
     """Stands in for persistence._reconstruct_persistent_obj: keeps the record's state, never looks at its source."""
-    state = meta.get('state') if isinstance(meta, dict) else None
-    name = meta.get('class_name') if isinstance(meta, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    state, name = meta.get('state'), meta.get('class_name')
     if not (meta.get('type') == 'class' and isinstance(name, str) and isinstance(state, dict)
             and isinstance(state.get('_parameters'), dict) and isinstance(state.get('_modules'), dict)):
         raise UsageError(f'the file holds a persistent record that is not a saved module '
@@ -130,9 +130,15 @@ def _module_state(record, prefix=''):
     if not isinstance(record, _Record) or not isinstance(record.state, dict):
         raise UsageError(f'{prefix or "the network"} is a {type(record).__name__}, not a saved module; refused')
     state, out = record.state, {}
+    parts = [state.get(k, {}) for k in ('_parameters', '_buffers', '_modules')]
+    if not all(isinstance(part, dict) for part in parts):
+        raise UsageError(f'{prefix or "the network"} ({record.class_name}) has no parameter, buffer and module '
+                         f'tables; refused')
     skip = state.get('_non_persistent_buffers_set', set())
     for name, value in [*state.get('_parameters', {}).items(), *state.get('_buffers', {}).items()]:
         if value is not None and name not in skip:
+            if not torch.is_tensor(value):
+                raise UsageError(f'{prefix}{name} is a {type(value).__name__}, not a tensor; refused')
             out[prefix + name] = value
     for name, child in state.get('_modules', {}).items():
         if child is not None:
@@ -213,20 +219,25 @@ def _refuse_unless(ok, what, value, accepted):
 
 def _authors_imm_config(precond):
     """IMMConfig from the attributes their IMMPrecond.forward uses (noise_schedule, f_type, temb_type, ...)."""
-    a = {**dict(noise_schedule='fm', sigma_data=0.5, f_type='euler_fm', T=0.994, eps=0.0, temb_type='identity',
-                time_scale=1000.0), **_plain(precond.state.get('_init_kwargs', {})), **{k: _plain(v) for k, v in precond.state.items() if not k.startswith('_')}}
+    defaults = dict(noise_schedule='fm', sigma_data=0.5, f_type='euler_fm', T=0.994, eps=0.0, temb_type='identity',
+                    time_scale=1000.0)  # their IMMPrecond's
+    attributes = {k: _plain(v) for k, v in precond.state.items() if not k.startswith('_')}
+    a = {**defaults, **_plain(precond.state.get('_init_kwargs', {})), **attributes}
     _refuse_unless(a['noise_schedule'] in _SCHEDULES, 'noise_schedule', a['noise_schedule'], ', '.join(_SCHEDULES))
     _refuse_unless(a['temb_type'] in _SECOND_TIMES, 'temb_type', a['temb_type'], ', '.join(_SECOND_TIMES))
     _refuse_unless(a['time_scale'] == 1000, 'time_scale', a['time_scale'], '1000 (c_noise = 1000 t, spec 4)')
     try:
         return IMMConfig(schedule=_SCHEDULES[a['noise_schedule']], param=a['f_type'], eps=float(a['eps']),
                          T=float(a['T']), sigma_d=float(a['sigma_data']), second_time=_SECOND_TIMES[a['temb_type']])
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise UsageError(f"the authors' network has settings we cannot represent: {e}") from None
 
 
-def _authors_net_config(precond, unet):
+def _authors_net_config(unet):
+    """Our model.UNet config from the keyword arguments their SongUNet was built with."""
     k = {**_SONGUNET_DEFAULTS, **_SONGUNET_REQUIRED, **_plain(unet.state.get('_init_kwargs', {}))}
+    missing = [name for name in ('img_resolution', 'in_channels', 'out_channels') if name not in k]
+    _refuse_unless(not missing, 'no setting for', missing, 'img_resolution, in_channels and out_channels stored')
     for name, value in _SONGUNET_REQUIRED.items():
         _refuse_unless((list(k[name]) if isinstance(value, list) else k[name]) == value, name, k[name], repr(value))
     _refuse_unless(k['in_channels'] == k['out_channels'], 'out_channels', k['out_channels'],
@@ -243,17 +254,22 @@ def load_authors_pickle(path):
     try:
         with open(path, 'rb') as f:
             data = _AuthorsUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
         raise UsageError(f'{path}: not a pickle of the authors\' release ({type(e).__name__}: {e})') from None
     precond = data.get('ema') if isinstance(data, dict) else None
     if not (isinstance(precond, _Record) and precond.class_name == 'IMMPrecond'):
-        found = precond.class_name if isinstance(precond, _Record) else type(precond if precond else data).__name__
+        if isinstance(precond, _Record):
+            found = precond.class_name
+        elif isinstance(data, dict):
+            found = f'a dict with keys {list(data)[:8]}' if precond is None else f'ema = a {type(precond).__name__}'
+        else:
+            found = f'a {type(data).__name__}'
         raise UsageError(f"{path}: expected dict(ema=IMMPrecond) as the authors' release holds; found {found}")
     unet = precond.state['_modules'].get('model')
     found = unet.class_name if isinstance(unet, _Record) else type(unet).__name__
     if found != 'SongUNet':
         raise UsageError(f"{path}: the network is their {found}; only their SongUNet (DDPM++, CIFAR-10) is supported")
-    cfg, config = _authors_imm_config(precond), _authors_net_config(precond, unet)
+    cfg, config = _authors_imm_config(precond), _authors_net_config(unet)
     state = _module_state(unet)
     dtypes = sorted({str(v.dtype) for v in state.values()})
     net = UNet(**{k: v for k, v in config.items() if k != 'arch'})
