@@ -81,7 +81,7 @@ class Conditioning(nn.Module):
 
     def __init__(self, freq_channels, emb_channels, num_classes, augment_dim=0):
         super().__init__()
-        self.num_classes, self.augment_dim = num_classes, augment_dim
+        self.num_classes = num_classes
         self.embed_t = TimeEmbedding(freq_channels, emb_channels)
         self.embed_s = TimeEmbedding(freq_channels, emb_channels)
         self.embed_label = nn.Linear(num_classes, freq_channels) if num_classes else None

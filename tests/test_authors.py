@@ -53,7 +53,8 @@ def songunet_state(net):
         ours = next(m for m in names if key.startswith(m + '.'))
         state[names[ours] + key[len(ours):]] = value.clone()
     for ours, theirs in names.items():
-        if ours.startswith(('enc.', 'dec.')) and {net.get_submodule(ours).up, net.get_submodule(ours).down} != {False}:
+        block = net.get_submodule(ours) if ours.startswith(('enc.', 'dec.')) else None
+        if block is not None and (block.up or block.down):
             for conv in ('conv0', 'skip'):
                 state[f'{theirs}.{conv}.resample_filter'] = torch.full((1, 1, 2, 2), 0.25)
     return state
