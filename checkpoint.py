@@ -17,10 +17,20 @@ nothing in it can run code:
     import checkpoint
     ckpt = checkpoint.read('runs/moons/ckpt.pt')                       # checked: every key above is there
     net, cfg, ckpt = checkpoint.load_for_sampling('runs/moons/ckpt.pt', raw=False)
+    net, cfg, info = checkpoint.load_authors_pickle('cifar10.pt')      # lumalabs/imm's CIFAR-10 release
+
+The authors' released pickles hold their modules' source code; the last section reads them as data and runs
+nothing from them.
 """
+import collections
+import io
 import json
 import os
+import pickle
 import random
+import re
+import typing
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -28,7 +38,7 @@ import torch
 
 from data import UsageError, write_atomically
 from imm import IMMConfig
-from model import build_net
+from model import UNet, build_net
 
 KEYS = ['net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng']
 SAMPLING_KEYS = ['net', 'ema', 'net_config', 'imm_config', 'data', 'args']  # what sample.py needs of them
@@ -150,3 +160,270 @@ def trim_log(path, step):
             with open(tmp, 'w') as f:
                 f.writelines(kept)
         write_atomically(path, write)
+
+
+# ---- The authors' released pickles (lumalabs/imm: cifar10.pt) -------------------------------------------------
+# Their file is pickle.dump(dict(ema=net)): net is an IMMPrecond (the f_{s,t} of spec 4) holding a SongUNet (EDM's
+# DDPM++ with a second time embedding). Each of their modules is saved by EDM's torch_utils/persistence.py as a
+# record {type: 'class', version, module_src, class_name, state}, state being the module's __dict__ (parameters,
+# buffers, submodules, attributes, and the constructor's keyword arguments as _init_kwargs). A plain pickle.load
+# would exec module_src. Here a restricted unpickler turns each record into data (_Record) and accepts nothing
+# but plain containers, numbers, tensors rebuilt by torch's own functions, and those records; the network is then
+# built from our code (model.UNet, imm.IMMConfig) and given the renamed weights.
+
+AUTHORS_CIFAR10_URL = 'https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt'
+
+
+class _Record:
+    """A module of the file, read as data: its class name and its __dict__ (nothing of its code)."""
+
+    def __init__(self, class_name, state=None):
+        self.class_name, self.state = class_name, state
+
+    def __setstate__(self, state):  # pickle's BUILD for a plain torch container (ModuleDict)
+        self.state = state
+
+
+def _persistent_record(meta):
+    """Stands in for persistence._reconstruct_persistent_obj: keeps the record's state, never looks at its source."""
+    meta = meta if isinstance(meta, dict) else {}
+    state, name = meta.get('state'), meta.get('class_name')
+    if not (meta.get('type') == 'class' and isinstance(name, str) and isinstance(state, dict)
+            and isinstance(state.get('_parameters'), dict) and isinstance(state.get('_modules'), dict)):
+        raise UsageError(f'the file holds a persistent record that is not a saved module '
+                         f'(class {name!r}, state keys {sorted(state) if isinstance(state, dict) else state!r}); '
+                         f'refused')
+    return _Record(name, state)
+
+
+def _torch_container(class_name):  # pickle makes it with cls.__new__ (NEWOBJ), then BUILD gives its __dict__
+    return type(class_name, (_Record,), {'class_name': class_name, 'state': None})
+
+
+def _reconstructor(cls, base, state):  # copyreg._reconstructor (protocols 0 and 1), only for our containers
+    if not (isinstance(cls, type) and issubclass(cls, _Record)):
+        raise UsageError(f'the file rebuilds an object of {cls!r}; refused')
+    return cls.__new__(cls)
+
+
+class _OmegaConf(_Record):
+    """An omegaconf container or node (their settings come from hydra configs), kept as its state."""
+    class_name = 'omegaconf'
+
+
+def _plain(value):
+    """A setting as a plain value: omegaconf's ListConfig -> list, DictConfig -> dict, value nodes -> their value."""
+    if isinstance(value, _OmegaConf):
+        state = value.state if isinstance(value.state, dict) else {}
+        value = state['_val'] if '_val' in state else state.get('_content')
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _storage_from_bytes(b):  # torch.storage._load_from_bytes, with torch's own restricted loader
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)  # TypedStorage is deprecated
+        return torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
+
+
+def _numpy_scalar(dtype, data):  # numpy scalars (their skip_scale = np.sqrt(0.5)): numbers only
+    if not (isinstance(dtype, np.dtype) and dtype.kind in 'biuf' and isinstance(data, bytes)):
+        raise UsageError(f'the file holds a numpy scalar of dtype {dtype!r}; only numbers are accepted')
+    return np.frombuffer(data, dtype)[0].item()
+
+
+_AUTHORS_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('builtins', 'object'): object,
+    ('copyreg', '_reconstructor'): _reconstructor,
+    ('dnnlib.util', 'EasyDict'): dict,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar, ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    **{('torch.nn.modules.container', name): _torch_container(name) for name in ('ModuleDict', 'ModuleList')},
+    # omegaconf objects in _init_kwargs (a list setting passed on from a hydra config stays a ListConfig), with the
+    # plain types and the typing.Any their metadata names.
+    **{(module, name): _OmegaConf for module, name in [
+        ('omegaconf.listconfig', 'ListConfig'), ('omegaconf.dictconfig', 'DictConfig'),
+        ('omegaconf.base', 'ContainerMetadata'), ('omegaconf.base', 'Metadata'),
+        *[('omegaconf.nodes', f'{kind}Node') for kind in ('Any', 'Integer', 'Float', 'String', 'Boolean')]]},
+    ('collections', 'defaultdict'): collections.defaultdict, ('typing', 'Any'): typing.Any,
+    **{('builtins', t.__name__): t for t in (dict, list, tuple, int, float, str, bool)},
+}
+
+
+class _AuthorsUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _AUTHORS_GLOBALS:
+            return _AUTHORS_GLOBALS[module, name]
+        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UsageError(f'the file asks for {module}.{name}, which a saved network does not need; refused '
+                         f'(nothing from the file was run)')
+
+    def persistent_load(self, pid):
+        raise UsageError(f'the file holds a persistent id {str(pid)[:60]!r}, which their pickles do not; refused')
+
+
+def _module_state(record, prefix=''):
+    """The state dict (their names) of a record tree: parameters, persistent buffers, then submodules."""
+    if not isinstance(record, _Record) or not isinstance(record.state, dict):
+        raise UsageError(f'{prefix or "the network"} is a {type(record).__name__}, not a saved module; refused')
+    state, out = record.state, {}
+    parts = [state.get(k, {}) for k in ('_parameters', '_buffers', '_modules')]
+    if not all(isinstance(part, dict) for part in parts):
+        raise UsageError(f'{prefix or "the network"} ({record.class_name}) has no parameter, buffer and module '
+                         f'tables; refused')
+    skip = state.get('_non_persistent_buffers_set', set())
+    for name, value in [*state.get('_parameters', {}).items(), *state.get('_buffers', {}).items()]:
+        if value is not None and name not in skip:
+            if not torch.is_tensor(value):
+                raise UsageError(f'{prefix}{name} is a {type(value).__name__}, not a tensor; refused')
+            out[prefix + name] = value
+    for name, child in state.get('_modules', {}).items():
+        if child is not None:
+            out.update(_module_state(child, f'{prefix}{name}.'))
+    return out
+
+
+_AUTHORS_MAPPING_NAMES = {'map_layer0': 'cond.embed_t.mlp.0', 'map_layer1': 'cond.embed_t.mlp.2',
+                          'map_layer0_s': 'cond.embed_s.mlp.0', 'map_layer1_s': 'cond.embed_s.mlp.2',
+                          'map_label': 'cond.embed_label', 'map_augment': 'cond.embed_augment'}
+
+
+def _our_block_names(blocks):
+    """{(part, their block): our module} for a set of their (part, block) names such as ('enc', '16x16_block0').
+    Their blocks are named by resolution and role; ours are numbered in the order the network runs them."""
+    ends = {'enc': {'conv': 'stem'}, 'dec': {'aux_norm': 'out_norm', 'aux_conv': 'out_conv'}}
+
+    def running_order(part, block):  # the encoder goes down in resolution, the decoder up
+        res, role = re.fullmatch(r'(\d+)x\d+_(\w+)', block).groups()
+        rank = {'down': 0, 'in0': 0, 'in1': 1, 'up': 0}.get(role)
+        return (-int(res) if part == 'enc' else int(res)), (2 + int(role[5:]) if rank is None else rank)
+
+    names = {}
+    for part in ('enc', 'dec'):
+        mine = [b for p, b in blocks if p == part]
+        for b in mine:
+            if b.split('_', 1)[1] in ends[part]:
+                names[part, b] = ends[part][b.split('_', 1)[1]]
+        running = sorted((b for b in mine if (part, b) not in names), key=lambda b: running_order(part, b))
+        names.update({(part, b): f'{part}.{i}' for i, b in enumerate(running)})
+    return names
+
+
+def convert_authors_state(state):
+    """Their SongUNet state dict -> ours (model.UNet). Names: map_layer0/1 -> cond.embed_t.mlp.0/2 (and _s ->
+    embed_s), map_label/map_augment -> cond.embed_label/embed_augment, enc.32x32_conv -> stem, the other enc and dec
+    blocks -> enc.i / dec.i in running order, dec.32x32_aux_norm/aux_conv -> out_norm/out_conv. Inside a block
+    the names are the same. Their up/down convs carry a resample_filter buffer: it must be the 2x2 box, which is
+    our nearest upsampling and average pooling, and is dropped."""
+    blocks = set()
+    for key in state:
+        part, _, rest = key.partition('.')
+        block = rest.split('.')[0]
+        if part in ('enc', 'dec') and re.fullmatch(r'\d+x\d+_(conv|down|up|in0|in1|block\d+|aux_norm|aux_conv)', block):
+            blocks.add((part, block))
+        elif part not in _AUTHORS_MAPPING_NAMES:
+            raise UsageError(f"the authors' network has a layer {key!r} that our UNet does not have (only EDM's "
+                             f"standard DDPM++ encoder and decoder are supported)")
+    ours = _our_block_names(blocks)
+    converted = {}
+    for key, value in state.items():
+        part, _, rest = key.partition('.')
+        if rest.endswith('.resample_filter'):
+            if not torch.equal(value.double(), torch.full((1, 1, 2, 2), 0.25, dtype=torch.float64)):
+                raise UsageError(f'{key} is {value.flatten().tolist()}, not the 2x2 box filter [1, 1] of DDPM++')
+        elif part in _AUTHORS_MAPPING_NAMES:
+            converted[f'{_AUTHORS_MAPPING_NAMES[part]}.{rest}'] = value
+        else:
+            block, _, inside = rest.partition('.')
+            converted[f'{ours[part, block]}.{inside}'] = value
+    return converted
+
+
+# Their SongUNet's constructor defaults, for settings a file's _init_kwargs leave out, and the settings that make
+# it DDPM++ exactly as our UNet computes it (these defaults are also theirs).
+_SONGUNET_DEFAULTS = dict(augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4,
+                          attn_resolutions=[16], dropout=0.10, label_dim=0)
+_SONGUNET_REQUIRED = dict(embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
+                          decoder_type='standard', resample_filter=[1, 1], s_embed=True, channel_mult_emb=4)
+_SCHEDULES = {'fm': 'fm', 'vp_cosine': 'cosine'}
+_SECOND_TIMES = {'identity': 's', 'stride': 't-s'}
+
+
+def _refuse_unless(ok, what, value, accepted):
+    if not ok:
+        raise UsageError(f"the authors' network has {what}={value!r}, which we cannot represent; accepted: {accepted}")
+
+
+def _authors_imm_config(precond):
+    """IMMConfig from the attributes their IMMPrecond.forward uses (noise_schedule, f_type, temb_type, ...)."""
+    defaults = dict(noise_schedule='fm', sigma_data=0.5, f_type='euler_fm', T=0.994, eps=0.0, temb_type='identity',
+                    time_scale=1000.0)  # their IMMPrecond's
+    attributes = {k: _plain(v) for k, v in precond.state.items() if not k.startswith('_')}
+    a = {**defaults, **_plain(precond.state.get('_init_kwargs', {})), **attributes}
+    _refuse_unless(a['noise_schedule'] in _SCHEDULES, 'noise_schedule', a['noise_schedule'], ', '.join(_SCHEDULES))
+    _refuse_unless(a['temb_type'] in _SECOND_TIMES, 'temb_type', a['temb_type'], ', '.join(_SECOND_TIMES))
+    _refuse_unless(a['time_scale'] == 1000, 'time_scale', a['time_scale'], '1000 (c_noise = 1000 t, spec 4)')
+    try:
+        return IMMConfig(schedule=_SCHEDULES[a['noise_schedule']], param=a['f_type'], eps=float(a['eps']),
+                         T=float(a['T']), sigma_d=float(a['sigma_data']), second_time=_SECOND_TIMES[a['temb_type']])
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"the authors' network has settings we cannot represent: {e}") from None
+
+
+def _authors_net_config(unet):
+    """Our model.UNet config from the keyword arguments their SongUNet was built with."""
+    k = {**_SONGUNET_DEFAULTS, **_SONGUNET_REQUIRED, **_plain(unet.state.get('_init_kwargs', {}))}
+    missing = [name for name in ('img_resolution', 'in_channels', 'out_channels') if name not in k]
+    _refuse_unless(not missing, 'no setting for', missing, 'img_resolution, in_channels and out_channels stored')
+    for name, value in _SONGUNET_REQUIRED.items():
+        _refuse_unless((list(k[name]) if isinstance(value, list) else k[name]) == value, name, k[name], repr(value))
+    _refuse_unless(k['in_channels'] == k['out_channels'], 'out_channels', k['out_channels'],
+                   f"in_channels ({k['in_channels']})")
+    return dict(arch='unet', img_resolution=k['img_resolution'], in_channels=k['in_channels'],
+                model_channels=k['model_channels'], channel_mult=list(k['channel_mult']),
+                num_blocks=k['num_blocks'], attn_resolutions=list(k['attn_resolutions']), dropout=k['dropout'],
+                num_classes=k['label_dim'], augment_dim=k['augment_dim'])
+
+
+def load_authors_pickle(path):
+    """(net, cfg, info) from the authors' released pickle (e.g. cifar10.pt, AUTHORS_CIFAR10_URL), read as data:
+    our model.UNet with their EMA weights, the imm.IMMConfig their sampler uses, and info on what was read."""
+    try:
+        with open(path, 'rb') as f:
+            data = _AuthorsUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
+        raise UsageError(f'{path}: not a pickle of the authors\' release ({type(e).__name__}: {e})') from None
+    precond = data.get('ema') if isinstance(data, dict) else None
+    if not (isinstance(precond, _Record) and precond.class_name == 'IMMPrecond'):
+        if isinstance(precond, _Record):
+            found = precond.class_name
+        elif isinstance(data, dict):
+            found = f'a dict with keys {list(data)[:8]}' if precond is None else f'ema = a {type(precond).__name__}'
+        else:
+            found = f'a {type(data).__name__}'
+        raise UsageError(f"{path}: expected dict(ema=IMMPrecond) as the authors' release holds; found {found}")
+    unet = precond.state['_modules'].get('model')
+    found = unet.class_name if isinstance(unet, _Record) else type(unet).__name__
+    if found != 'SongUNet':
+        raise UsageError(f"{path}: the network is their {found}; only their SongUNet (DDPM++, CIFAR-10) is supported")
+    cfg, config = _authors_imm_config(precond), _authors_net_config(unet)
+    state = _module_state(unet)
+    dtypes = sorted({str(v.dtype) for v in state.values()})
+    net = UNet(**{k: v for k, v in config.items() if k != 'arch'})
+    try:
+        net.load_state_dict(convert_authors_state(state))  # strict: every name and shape must match
+    except RuntimeError as e:
+        raise UsageError(f"{path}: the authors' weights do not fit the network their settings describe: {e}") from None
+    net = net.double() if dtypes == ['torch.float64'] else net.float()
+    info = dict(path=str(path), network='IMMPrecond(SongUNet)', net_config=config, dtypes=dtypes,
+                precond_kwargs=_plain(precond.state.get('_init_kwargs', {})),
+                unet_kwargs=_plain(unet.state.get('_init_kwargs', {})),
+                mixed_precision=precond.state.get('mixed_precision'))
+    return net.eval().requires_grad_(False), cfg, info

@@ -1,15 +1,25 @@
 """Backbones for IMM: the DDPM++ U-Net of the paper's CIFAR-10 setting, and a residual MLP for 2-D data.
 
 Nothing here knows IMM (that is imm.py). Every network keeps one contract:
-    net(x, c_noise_t, c_noise_s, labels=None) -> tensor shaped like x
-where c_noise_t = 1000 t and c_noise_s = 1000 s (or 1000 (t - s)) are [B] floats, and labels are ints in
-[0, num_classes], the value num_classes being the null class (label dropout, classifier-free guidance).
-Each time condition gets its own sinusoidal embedding and its own 2-layer MLP; the two embeddings and the
-class embedding are added (paper App. I.1). Output layers start at zero (as EDM/DiT), so at initialisation
-f_{s,t}(x_t) = c_skip(s,t) x_t: the DDIM jump of a zero prediction.
+    net(x, c_noise_t, c_noise_s, labels=None, augment_labels=None) -> tensor shaped like x
+where c_noise_t = 1000 t and c_noise_s = 1000 s (or 1000 (t - s)) are [B] floats, labels are ints in
+[0, num_classes], the value num_classes being the null class (label dropout, classifier-free guidance), and
+augment_labels ([B, augment_dim] floats, None = zeros) describe an EDM augmentation of x (0 at sampling).
+
+`UNet` computes exactly the network of the authors' CIFAR-10 release (lumalabs/imm: EDM's `SongUNet` as DDPM++,
+`s_embed=True`, configs/cifar10_generate_images.yaml): for the same weights the same function, to float32
+rounding. Checked by loading a network built from the authors' own code through checkpoint.load_authors_pickle
+and comparing outputs (docs/walkthrough.md, "Where our network equals the authors'"; tests/test_authors.py).
+Its conditioning, in their order: the sinusoidal embedding of c_noise_t (as [sin, cos]) plus a linear map of
+the scaled one-hot label (the null class is the all-zero vector) plus a linear map of the augmentation labels
+go through the t MLP; the sinusoidal embedding of c_noise_s goes through its own MLP; the two are added and
+passed through a SiLU (paper App. I.1). Initialisation is theirs (EDM's): xavier-uniform weights, zero
+biases, qkv x sqrt(0.2), and the last conv of each block, the attention projection and the output conv
+x 1e-5, so at initialisation f_{s,t}(x_t) is within ~1e-5 of c_skip(s,t) x_t, the DDIM jump of a zero prediction.
+The MLP keeps PyTorch's default initialisation with an exactly-zero output layer.
 
     import model
-    net = model.build_net(model.PRESETS['ddpmpp'])      # paper's CIFAR-10 net, 55.9M parameters
+    net = model.build_net(model.PRESETS['ddpmpp'])      # paper's CIFAR-10 net, 56.06M parameters
     net = model.build_net({**model.PRESETS['tiny'], 'num_classes': 10})
 """
 
@@ -22,10 +32,10 @@ import torch.nn.functional as F
 PRESETS = {
     # DDPM++ as in the paper's CIFAR-10 run (spec section 7; EDM's SongUNet 'ddpmpp' layout).
     'ddpmpp': dict(arch='unet', img_resolution=32, in_channels=3, model_channels=128, channel_mult=[2, 2, 2],
-                   num_blocks=4, attn_resolutions=[16], dropout=0.2, num_classes=0),
+                   num_blocks=4, attn_resolutions=[16], dropout=0.2, num_classes=0, augment_dim=0),
     # The same layout, small enough for CPU tests (two levels, one block each).
     'tiny': dict(arch='unet', img_resolution=32, in_channels=3, model_channels=16, channel_mult=[1, 2],
-                 num_blocks=1, attn_resolutions=[16], dropout=0.0, num_classes=0),
+                 num_blocks=1, attn_resolutions=[16], dropout=0.0, num_classes=0, augment_dim=0),
     # 2-D toys.
     'mlp': dict(arch='mlp', dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0),
 }
@@ -42,44 +52,57 @@ def build_net(config):
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of a noise condition followed by its own 2-layer MLP (App. I.1)."""
+    """Sinusoidal embedding of a noise condition, fed as [sin, cos] to its own 2-layer MLP (App. I.1)."""
 
     def __init__(self, freq_channels, emb_channels, max_period=10000):
         super().__init__()
-        half = freq_channels // 2
-        self.register_buffer('freqs', max_period ** (-torch.arange(half, dtype=torch.float32) / (half - 1)),
-                             persistent=False)
+        self.half, self.max_period = freq_channels // 2, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_channels, emb_channels), nn.SiLU(),
                                  nn.Linear(emb_channels, emb_channels))
 
-    def forward(self, c_noise):
-        angles = c_noise.float()[:, None] * self.freqs[None]
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+    def sinusoids(self, c_noise):
+        # In float64 whatever the net's dtype (no buffer, so net.float() cannot round it): c_noise reaches 1000 rad,
+        # where float32 angles would be off by ~1e-4 (the authors compute these in float64 too).
+        freqs = self.max_period ** (-torch.arange(self.half, dtype=torch.float64, device=c_noise.device)
+                                    / (self.half - 1))
+        angles = c_noise.double()[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1).to(self.mlp[0].weight.dtype)
+
+    def forward(self, c_noise, extra=0):
+        """extra: what is added to the sinusoids before the MLP (the class and augmentation terms)."""
+        return self.mlp(self.sinusoids(c_noise) + extra)
 
 
 class Conditioning(nn.Module):
-    """emb = MLP_t(c_noise_t) + MLP_s(c_noise_s) + class embedding (App. I.1)."""
+    """emb = SiLU(MLP_t(sin(c_noise_t) + label term + augmentation term) + MLP_s(sin(c_noise_s))) (App. I.1).
 
-    def __init__(self, freq_channels, emb_channels, num_classes):
+    The label term is a linear map of the one-hot label scaled by sqrt(num_classes); the null class is the
+    all-zero vector (only the bias remains). The augmentation term is a bias-free linear map (EDM)."""
+
+    def __init__(self, freq_channels, emb_channels, num_classes, augment_dim=0):
         super().__init__()
         self.num_classes = num_classes
         self.embed_t = TimeEmbedding(freq_channels, emb_channels)
         self.embed_s = TimeEmbedding(freq_channels, emb_channels)
-        # One row per class plus the null class; zero at init, so labels start with no effect.
-        self.embed_label = nn.Embedding(num_classes + 1, emb_channels) if num_classes else None
-        if self.embed_label is not None:
-            nn.init.zeros_(self.embed_label.weight)
+        self.embed_label = nn.Linear(num_classes, freq_channels) if num_classes else None
+        self.embed_augment = nn.Linear(augment_dim, freq_channels, bias=False) if augment_dim else None
 
-    def forward(self, c_noise_t, c_noise_s, labels):
-        emb = self.embed_t(c_noise_t) + self.embed_s(c_noise_s)
+    def forward(self, c_noise_t, c_noise_s, labels, augment_labels):
+        extra = 0
         if self.embed_label is not None:
             if labels is None:  # unconditional use of a conditional net = the null class
                 labels = torch.full_like(c_noise_t, self.num_classes, dtype=torch.long)
-            emb = emb + self.embed_label(labels)
+            one_hot = F.one_hot(labels, self.num_classes + 1)[:, :self.num_classes]  # null class -> all zeros
+            extra = self.embed_label(one_hot.to(self.embed_label.weight.dtype) * math.sqrt(self.num_classes))
         elif labels is not None:
             raise ValueError('labels were given to an unconditional net (num_classes=0); '
                              'build it with num_classes > 0 for class-conditional use')
-        return F.silu(emb)
+        if self.embed_augment is not None and augment_labels is not None:
+            extra = extra + self.embed_augment(augment_labels.to(self.embed_augment.weight.dtype))
+        elif augment_labels is not None:
+            raise ValueError('augment_labels were given to a net without an augmentation input (augment_dim=0); '
+                             'build it with augment_dim > 0 to train with augmentation')
+        return F.silu(self.embed_t(c_noise_t, extra) + self.embed_s(c_noise_s))
 
 
 def _scale_init(layer, scale):
@@ -91,7 +114,7 @@ def _scale_init(layer, scale):
 
 
 def _group_norm(channels):
-    return nn.GroupNorm(num_groups=min(32, channels // 4), num_channels=channels, eps=1e-5)
+    return nn.GroupNorm(num_groups=min(32, channels // 4), num_channels=channels, eps=1e-6)
 
 
 class UNetBlock(nn.Module):
@@ -107,13 +130,13 @@ class UNetBlock(nn.Module):
         self.affine = nn.Linear(emb_ch, out_ch)
         self.norm1 = _group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = _scale_init(nn.Conv2d(out_ch, out_ch, 3, padding=1), 1e-5)
+        self.conv1 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if (in_ch != out_ch or up or down) else None
         self.attention = attention
         if attention:
             self.norm2 = _group_norm(out_ch)
-            self.qkv = nn.Conv2d(out_ch, out_ch * 3, 1)
-            self.proj = _scale_init(nn.Conv2d(out_ch, out_ch, 1), 1e-5)
+            self.qkv = nn.Conv2d(out_ch, out_ch * 3, 1)  # output channel 3 c + j is (q, k, v)[j] of channel c
+            self.proj = nn.Conv2d(out_ch, out_ch, 1)
 
     def resample(self, x):
         if self.up:
@@ -130,24 +153,26 @@ class UNetBlock(nn.Module):
         x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
         if self.attention:
             B, C, H, W = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
-            a = F.scaled_dot_product_attention(q, k, v)  # [B, 1 head, HW, C]
-            x = (x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))) * self.skip_scale
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, C, 3, H * W).transpose(1, 3).unbind(2)  # [B, HW, C]
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])  # 1 head: [B, 1, HW, C]
+            x = (x + self.proj(a[:, 0].transpose(1, 2).reshape(B, C, H, W))) * self.skip_scale
         return x
 
 
 class UNet(nn.Module):
-    """DDPM++ U-Net (the paper's CIFAR-10 backbone, spec section 7) with IMM's second time condition."""
+    """DDPM++ U-Net (the paper's CIFAR-10 backbone, spec section 7) with IMM's second time condition: the
+    authors' SongUNet (module docstring)."""
 
     def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
-                 num_blocks=4, attn_resolutions=(16,), dropout=0.2, num_classes=0):
+                 num_blocks=4, attn_resolutions=(16,), dropout=0.2, num_classes=0, augment_dim=0):
         super().__init__()
         self.config = dict(arch='unet', img_resolution=img_resolution, in_channels=in_channels,
                            model_channels=model_channels, channel_mult=list(channel_mult), num_blocks=num_blocks,
-                           attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes)
+                           attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
+                           augment_dim=augment_dim)
         self.num_classes = num_classes
         emb_ch = model_channels * 4
-        self.cond = Conditioning(model_channels, emb_ch, num_classes)
+        self.cond = Conditioning(model_channels, emb_ch, num_classes, augment_dim)
         block = dict(emb_ch=emb_ch, dropout=dropout)
 
         # Encoder: a stem conv, then per level an optional downsampling block and num_blocks blocks.
@@ -184,10 +209,27 @@ class UNet(nn.Module):
                 ch = model_channels * mult
                 self.takes_skip.append(True)
         self.out_norm = _group_norm(ch)
-        self.out_conv = _scale_init(nn.Conv2d(ch, in_channels, 3, padding=1), 0.0)
+        self.out_conv = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.init_as_edm()
 
-    def forward(self, x, c_noise_t, c_noise_s, labels=None):
-        emb = self.cond(c_noise_t, c_noise_s, labels)
+    @torch.no_grad()
+    def init_as_edm(self):
+        """EDM's initialisation, as in the authors' SongUNet: xavier-uniform weights and zero biases everywhere;
+        qkv x sqrt(0.2); the residual branches' last layers and the output conv x 1e-5 (start near zero)."""
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        for blk in [*self.enc, *self.dec]:
+            blk.conv1.weight.mul_(1e-5)
+            if blk.attention:
+                blk.qkv.weight.mul_(math.sqrt(0.2))
+                blk.proj.weight.mul_(1e-5)
+        self.out_conv.weight.mul_(1e-5)
+
+    def forward(self, x, c_noise_t, c_noise_s, labels=None, augment_labels=None):
+        emb = self.cond(c_noise_t, c_noise_s, labels, augment_labels)
         h = self.stem(x)
         skips = [h]
         for blk in self.enc:
@@ -201,7 +243,8 @@ class UNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP for vector data [B, dim] (2-D toys), with the same contract as the U-Net."""
+    """Residual MLP for vector data [B, dim] (2-D toys), with the same contract as the U-Net (no augmentation
+    input: augment_labels must be None)."""
 
     def __init__(self, dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0):
         super().__init__()
@@ -217,8 +260,8 @@ class MLP(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
         self.out = _scale_init(nn.Linear(hidden, dim), 0.0)
 
-    def forward(self, x, c_noise_t, c_noise_s, labels=None):
-        emb = self.cond(c_noise_t, c_noise_s, labels)
+    def forward(self, x, c_noise_t, c_noise_s, labels=None, augment_labels=None):
+        emb = self.cond(c_noise_t, c_noise_s, labels, augment_labels)
         h = self.inp(x)
         for b in self.blocks:
             h = h + b.fc2(b.drop(F.silu(b.fc1(b.norm(h) + b.emb(emb)))))

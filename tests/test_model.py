@@ -52,11 +52,53 @@ def test_mlp_maps_vectors_to_the_same_shape():
     assert net(x, *_conditions(5), torch.tensor([0, 1, 2, 3, 0])).shape == x.shape
 
 
-@pytest.mark.parametrize('preset', list(model.PRESETS))
-def test_output_is_exactly_zero_at_initialisation(preset):
-    net = model.build_net(model.PRESETS[preset])
-    x = torch.randn(2, 2) if preset == 'mlp' else torch.randn(2, 3, 32, 32)
+def test_mlp_output_is_exactly_zero_at_initialisation():
+    net = model.build_net(model.PRESETS['mlp'])
+    x = torch.randn(2, 2)
     assert torch.equal(net(x, *_conditions(2)), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize('preset', ['ddpmpp', 'tiny'])
+def test_unet_output_starts_within_1e_4_of_zero(preset):
+    """EDM's (and the authors') initialisation: the output conv is xavier-uniform x 1e-5, not zero, so the
+    output starts at ~1e-5 for unit inputs: tiny, but not exactly zero."""
+    net = model.build_net(model.PRESETS[preset])
+    x = torch.randn(2, 3, 32, 32)
+    out = net(x, *_conditions(2))
+    assert out.abs().max() < 1e-4 and out.abs().max() > 0
+
+
+def test_unet_initialisation_is_edms():
+    """xavier-uniform weights (bound sqrt(6 / (fan_in + fan_out))), zero biases, qkv x sqrt(0.2), and the
+    residual branches' last layers and the output conv x 1e-5."""
+    torch.manual_seed(0)
+    net = model.build_net(model.PRESETS['tiny'])
+
+    def bound(layer):
+        fan_in, fan_out = layer.weight[0].numel(), layer.weight[:, 0].numel()
+        return (6 / (fan_in + fan_out)) ** 0.5
+
+    blk = next(b for b in net.enc if b.attention)
+    for layer, scale in [(net.stem, 1), (blk.conv0, 1), (blk.affine, 1), (net.cond.embed_t.mlp[0], 1),
+                         (blk.qkv, 0.2 ** 0.5), (blk.conv1, 1e-5), (blk.proj, 1e-5), (net.out_conv, 1e-5)]:
+        w = layer.weight.abs().max().item()
+        assert 0.9 * scale * bound(layer) < w <= scale * bound(layer), layer
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_a_zero_augmentation_label_is_the_same_as_none():
+    net = model.build_net({**model.PRESETS['tiny'], 'augment_dim': 9})
+    with torch.no_grad():
+        net.out_conv.weight.normal_()
+    x, c = torch.randn(2, 3, 32, 32), _conditions(2)
+    assert torch.equal(net(x, *c, augment_labels=torch.zeros(2, 9)), net(x, *c))
+    assert not torch.allclose(net(x, *c, augment_labels=torch.ones(2, 9)), net(x, *c))
+
+
+def test_augmentation_labels_on_a_net_without_that_input_are_an_error():
+    net = model.build_net(model.PRESETS['tiny'])
+    with pytest.raises(ValueError, match='augment_dim=0'):
+        net(torch.randn(2, 3, 32, 32), *_conditions(2), augment_labels=torch.zeros(2, 9))
 
 
 def test_both_time_conditions_change_the_output():

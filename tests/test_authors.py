@@ -1,0 +1,267 @@
+"""checkpoint.load_authors_pickle: the authors' released pickle (lumalabs/imm) is read as data, never run, and
+becomes our UNet computing the same function.
+
+The files here are written by this test in the authors' on-disk layout, as their torch_utils/persistence.py
+writes it: pickle.dump(dict(ema=IMMPrecond)), each of their modules pickled as a call of
+torch_utils.persistence._reconstruct_persistent_obj on a record {type, version, module_src, class_name, state},
+state being the module's __dict__ (with the constructor's keyword arguments as _init_kwargs)."""
+
+import collections
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import model
+from data import UsageError
+
+COND_TINY = {**model.PRESETS['tiny'], 'num_classes': 10}
+
+
+# ------------------------------------------------------------------------ their names and their layout on disk
+
+def songunet_names(config):
+    """Our module -> theirs, from how their SongUNet names its blocks (resolution and role)."""
+    R, mult, n = config['img_resolution'], config['channel_mult'], config['num_blocks']
+    names = {'stem': f'enc.{R}x{R}_conv', 'out_norm': f'dec.{R}x{R}_aux_norm', 'out_conv': f'dec.{R}x{R}_aux_conv',
+             'cond.embed_t.mlp.0': 'map_layer0', 'cond.embed_t.mlp.2': 'map_layer1',
+             'cond.embed_s.mlp.0': 'map_layer0_s', 'cond.embed_s.mlp.2': 'map_layer1_s',
+             'cond.embed_label': 'map_label', 'cond.embed_augment': 'map_augment'}
+    enc, dec = [], []
+    for level in range(len(mult)):
+        res = R >> level
+        enc += ([f'{res}x{res}_down'] if level else []) + [f'{res}x{res}_block{i}' for i in range(n)]
+    for level in reversed(range(len(mult))):
+        res = R >> level
+        dec += [f'{res}x{res}_in0', f'{res}x{res}_in1'] if level == len(mult) - 1 else [f'{res}x{res}_up']
+        dec += [f'{res}x{res}_block{i}' for i in range(n + 1)]
+    names.update({f'enc.{i}': f'enc.{b}' for i, b in enumerate(enc)})
+    names.update({f'dec.{i}': f'dec.{b}' for i, b in enumerate(dec)})
+    return names
+
+
+def songunet_state(net):
+    """Their SongUNet state dict for our net: renamed, plus the 2x2 box filter buffer of each up/down conv."""
+    names = songunet_names(net.config)
+    state = {}
+    for key, value in net.state_dict().items():
+        ours = next(m for m in names if key.startswith(m + '.'))
+        state[names[ours] + key[len(ours):]] = value.clone()
+    for ours, theirs in names.items():
+        block = net.get_submodule(ours) if ours.startswith(('enc.', 'dec.')) else None
+        if block is not None and (block.up or block.down):
+            for conv in ('conv0', 'skip'):
+                state[f'{theirs}.{conv}.resample_filter'] = torch.full((1, 1, 2, 2), 0.25)
+    return state
+
+
+def _reconstruct_persistent_obj(meta):
+    raise AssertionError('only the name of this function goes into the file')
+
+
+_reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
+
+
+class Persistent:
+    """One of their modules as persistence.py pickles it."""
+
+    def __init__(self, class_name, state, module_src):
+        self.class_name, self.state, self.module_src = class_name, state, module_src
+
+    def __reduce__(self):
+        return _reconstruct_persistent_obj, (dict(type='class', version=6, module_src=self.module_src,
+                                                  class_name=self.class_name, state=self.state),)
+
+
+def module_dict(parameters=(), buffers=(), children=(), **attributes):
+    """A torch module's __dict__, as it is pickled."""
+    return dict(training=False, _parameters=collections.OrderedDict(parameters),
+                _buffers=collections.OrderedDict(buffers), _non_persistent_buffers_set=set(),
+                _modules=collections.OrderedDict(children), **attributes)
+
+
+def as_modules(flat, module_src):
+    """Nest a flat state dict into their module tree: enc and dec are torch ModuleDicts, the rest records."""
+    tree = {}
+    for key, value in flat.items():
+        *path, leaf = key.split('.')
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def build(name, node):
+        tensors = {k: v for k, v in node.items() if torch.is_tensor(v)}
+        children = {k: build(k, v) for k, v in node.items() if not torch.is_tensor(v)}
+        if name in ('enc', 'dec'):
+            container = torch.nn.ModuleDict()
+            container.__dict__['_modules'] = collections.OrderedDict(children)
+            return container
+        parameters = {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()
+                      if k != 'resample_filter'}
+        buffers = {k: v for k, v in tensors.items() if k == 'resample_filter'}
+        kind = 'UNetBlock' if 'x' in name else 'GroupNorm' if 'norm' in name else 'Linear' if (
+            'map' in name or name == 'affine') else 'Conv2d'
+        return Persistent(kind, module_dict(parameters, buffers, children, skip_scale=np.sqrt(0.5)), module_src)
+
+    return {k: build(k, v) for k, v in tree.items()}
+
+
+def authors_precond(net, module_src='', unet_class='SongUNet', **settings):
+    """Their IMMPrecond around a SongUNet holding our net's weights, with the CIFAR-10 release's settings."""
+    c = net.config
+    unet_kwargs = dict(img_resolution=c['img_resolution'], img_channels=c['in_channels'], in_channels=c['in_channels'],
+                       out_channels=c['in_channels'], label_dim=c['num_classes'], embedding_type='positional',
+                       encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                       model_channels=c['model_channels'], channel_mult=c['channel_mult'], num_blocks=c['num_blocks'],
+                       attn_resolutions=c['attn_resolutions'], s_embed=True, dropout=c['dropout'])
+    unet = Persistent(unet_class, module_dict(children=as_modules(songunet_state(net), module_src),
+                                              _init_kwargs=unet_kwargs), module_src)
+    attributes = dict(img_resolution=c['img_resolution'], img_channels=c['in_channels'], label_dim=c['num_classes'],
+                      use_mixed_precision=False, mixed_precision=torch.float32, noise_schedule='fm', T=0.994,
+                      eps=0.006, sigma_data=0.5, f_type='simple_edm', time_scale=1000, temb_type='identity')
+    attributes.update(settings)
+    kwargs = dict(img_resolution=c['img_resolution'], img_channels=c['in_channels'], label_dim=c['num_classes'],
+                  model_type=unet_class, **{k: v for k, v in attributes.items() if k not in (
+                      'img_resolution', 'img_channels', 'label_dim', 'use_mixed_precision', 'mixed_precision')})
+    return Persistent('IMMPrecond', module_dict(children={'model': unet}, _init_kwargs=kwargs, **attributes),
+                      module_src)
+
+
+@pytest.fixture
+def write(monkeypatch):
+    """write(path, obj): pickle.dump(dict(ema=obj)) as their release does, under their module names."""
+    persistence = types.ModuleType('torch_utils.persistence')
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    package = types.ModuleType('torch_utils')
+    package.persistence = persistence
+    monkeypatch.setitem(sys.modules, 'torch_utils', package)
+    monkeypatch.setitem(sys.modules, 'torch_utils.persistence', persistence)
+
+    def write(path, obj):
+        with open(path, 'wb') as f:
+            pickle.dump(dict(ema=obj), f)
+        return path
+    return write
+
+
+def random_net(config, seed=0):
+    """Our net with every weight random (nothing zero), so every layer shows in the output."""
+    torch.manual_seed(seed)
+    net = model.build_net(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, p[0].numel() ** -0.5 if p.ndim > 1 else 0.2)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+
+def test_their_pickle_becomes_our_unet_computing_the_same_function(write, tmp_path):
+    net = random_net(COND_TINY)
+    path = write(tmp_path / 'cifar10.pt', authors_precond(net))
+    loaded, cfg, info = checkpoint.load_authors_pickle(path)
+    assert loaded.config == net.config and info['dtypes'] == ['torch.float32']
+    x, c_t, c_s = torch.randn(3, 3, 32, 32), torch.tensor([994., 500., 20.]), torch.tensor([6., 300., 19.])
+    labels = torch.tensor([0, 7, 10])  # 10: the null class
+    assert torch.equal(loaded(x, c_t, c_s, labels), net(x, c_t, c_s, labels))
+
+
+def test_the_settings_stored_with_their_network_become_our_imm_config(write, tmp_path):
+    net = random_net(model.PRESETS['tiny'])
+    _, cfg, _ = checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net)))
+    assert (cfg.schedule, cfg.param, cfg.second_time, cfg.eps, cfg.T, cfg.sigma_d) == \
+        ('fm', 'simple_edm', 's', 0.006, 0.994, 0.5)
+    _, cfg, _ = checkpoint.load_authors_pickle(write(tmp_path / 'b.pt', authors_precond(
+        net, noise_schedule='vp_cosine', f_type='identity', temb_type='stride', T=0.996)))
+    assert (cfg.schedule, cfg.param, cfg.second_time, cfg.T) == ('cosine', 'identity', 't-s', 0.996)
+
+
+def test_settings_we_cannot_represent_are_refused_by_name(write, tmp_path):
+    net = random_net(model.PRESETS['tiny'])
+    with pytest.raises(UsageError, match="time_scale=250"):
+        checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, time_scale=250)))
+
+
+def omegaconf_list(values, monkeypatch):
+    """A list as omegaconf pickles a ListConfig (what a hydra config's list setting stays in their kwargs):
+    the container's state holds '_content', a list of value nodes each holding '_val'."""
+    classes = {}
+    monkeypatch.setitem(sys.modules, 'omegaconf', types.ModuleType('omegaconf'))
+    for module, name in [('omegaconf.listconfig', 'ListConfig'), ('omegaconf.nodes', 'AnyNode')]:
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+        classes[name] = type(name, (), {'__module__': module})
+        setattr(sys.modules[module], name, classes[name])
+        setattr(sys.modules['omegaconf'], module.split('.')[1], sys.modules[module])
+    container = classes['ListConfig']()
+    container.__dict__.update(_metadata=None, _parent=None, _content=[classes['AnyNode']() for _ in values])
+    for node, value in zip(container._content, values):
+        node.__dict__.update(_metadata=None, _parent=container, _flags_cache=None, _val=value)
+    return container
+
+
+def test_settings_held_as_omegaconf_lists_are_read_as_lists(write, tmp_path, monkeypatch):
+    net = random_net(model.PRESETS['tiny'])
+    precond = authors_precond(net)
+    unet_kwargs = precond.state['_modules']['model'].state['_init_kwargs']
+    unet_kwargs['channel_mult'] = omegaconf_list(net.config['channel_mult'], monkeypatch)
+    loaded, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', precond))
+    assert loaded.config == net.config and info['unet_kwargs']['channel_mult'] == [1, 2]
+
+
+def test_the_source_embedded_in_their_file_is_never_run(write, tmp_path):
+    marker = tmp_path / 'written_by_the_file'
+    payload = f'open({str(marker)!r}, "w").write("ran")\n'
+    net = random_net(model.PRESETS['tiny'])
+    checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, module_src=payload)))
+    with pytest.raises(UsageError, match="expected dict\\(ema=IMMPrecond\\).*found Payload"):
+        checkpoint.load_authors_pickle(write(tmp_path / 'b.pt', Persistent('Payload', module_dict(), payload)))
+    assert not marker.exists()
+
+
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_global_a_network_does_not_need_is_refused(write, tmp_path):
+    marker = tmp_path / 'written_by_the_file'
+    path = write(tmp_path / 'a.pt', _System(f'touch {marker}'))
+    with pytest.raises(UsageError, match=r'asks for \w+\.system.*refused'):
+        checkpoint.load_authors_pickle(path)
+    assert not marker.exists()
+
+
+def test_a_record_whose_state_is_not_a_module_is_refused(write, tmp_path):
+    with pytest.raises(UsageError, match="persistent record that is not a saved module.*'IMMPrecond'"):
+        checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', Persistent('IMMPrecond', {'x': 1}, '')))
+
+
+def test_another_network_type_is_refused_by_name(write, tmp_path):
+    net = random_net(model.PRESETS['tiny'])
+    with pytest.raises(UsageError, match='network is their DhariwalUNet; only their SongUNet'):
+        checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, unet_class='DhariwalUNet')))
+
+
+def test_the_name_map_round_trips_on_the_paper_preset():
+    net = model.build_net(model.PRESETS['ddpmpp'])
+    assert sum(p.numel() for p in net.parameters()) == 56_061_443
+    ours = net.state_dict()
+    converted = checkpoint.convert_authors_state(songunet_state(net))
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], ours[k]) for k in ours)
+
+
+def test_a_resampling_filter_other_than_the_box_is_refused():
+    state = songunet_state(model.build_net(model.PRESETS['tiny']))
+    f = torch.tensor([1., 3, 3, 1])
+    state['enc.16x16_down.conv0.resample_filter'] = f.outer(f)[None, None] / 64  # NCSN++'s filter
+    with pytest.raises(UsageError, match='enc.16x16_down.conv0.resample_filter.*not the 2x2 box'):
+        checkpoint.convert_authors_state(state)
