@@ -85,9 +85,31 @@ def read(path, keys=KEYS, flag='--resume'):
     return ckpt
 
 
-def load_for_sampling(path, raw=False):
-    """(network with the EMA weights, or the training weights if raw; its IMMConfig; the checkpoint dict)."""
-    ckpt = read(path, SAMPLING_KEYS, flag='--ckpt')
+def file_of(path):
+    """A run folder stands for its ckpt.pt (--ckpt runs/moons, --init-from runs/moons)."""
+    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+
+
+def load_for_sampling(path, raw=False, flag='--ckpt'):
+    """(network with the EMA weights, or the training weights if raw; its IMMConfig; the checkpoint dict), from a
+    train.py checkpoint or from the authors' released pickle (cifar10.pt), for which the dict is made up of what
+    sample.py reads: data kind and shape, loss 'imm', and 'authors', what load_authors_pickle read."""
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            is_pickle = f.read(1) == b'\x80'                 # a pickle's first byte; torch.save writes a zip ('PK')
+        if is_pickle:
+            if raw:
+                raise UsageError(f"--raw: {path} is the authors' release, which holds only the EMA weights")
+            net, cfg, info = load_authors_pickle(path)
+            c = net.config
+            data = {'name': "the authors' release", 'kind': 'image', 'num_classes': c['num_classes'],
+                    'shape': [c['in_channels'], c['img_resolution'], c['img_resolution']], 'mean': None, 'std': None}
+            return net, cfg, {'data': data, 'args': {'loss': 'imm'}, 'step': 'released', 'authors': info}
+    ckpt = read(path, SAMPLING_KEYS, flag=flag)
+    if ckpt['net_config'].get('arch') == 'unet' and 'augment_dim' not in ckpt['net_config']:
+        raise UsageError(f"checkpoint {path!r} was written before model.UNet computed the authors' SongUNet (their "
+                         f"embedding order, attention layout and GroupNorm eps): its weights would compute another "
+                         f"function here; retrain it with this version")
     try:
         net = build_net(ckpt['net_config'])
         cfg = IMMConfig(**ckpt['imm_config'])

@@ -145,11 +145,12 @@ def c_in(t, cfg):
     return 1 / (cfg.sigma_d * torch.sqrt(alpha_t ** 2 + sigma_t ** 2))
 
 
-def one_step(net, x_t, s, t, cfg, labels=None, guidance=1.0):
+def one_step(net, x_t, s, t, cfg, labels=None, guidance=1.0, augment_labels=None):
     """f_{s,t}(x_t), the network's jump from time t to time s < t (spec 4; Eq. 14 for guidance).
 
     s, t: floats or [B] tensors. Conditions: c_noise(t) = 1000 t and 1000 s (or 1000 (t - s), cfg.second_time).
     With guidance w != 1, G_w = w G(labels) + (1 - w) G(null class), both halves in one batched call (Eq. 14).
+    augment_labels (training with EDM augmentation only) go to the network as they are; None means no augmentation.
     """
     B = x_t.shape[0]
     s, t = _f64(s, x_t).expand(B), _f64(t, x_t).expand(B)
@@ -157,8 +158,9 @@ def one_step(net, x_t, s, t, cfg, labels=None, guidance=1.0):
     x_in = _per_sample(c_in(t, cfg), x_t) * x_t
     c_noise_t = (1000 * t).to(torch.promote_types(x_t.dtype, torch.float32))   # fp32, or float64 for a float64 x
     c_noise_s = (1000 * (s if cfg.second_time == 's' else t - s)).to(c_noise_t.dtype)
+    extra = {} if augment_labels is None else {'augment_labels': augment_labels}  # a plain net need not take them
     if guidance == 1.0:
-        G = net(x_in, c_noise_t, c_noise_s, labels)
+        G = net(x_in, c_noise_t, c_noise_s, labels, **extra)
     else:
         if labels is None or not getattr(net, 'num_classes', 0):
             raise ValueError(f'guidance={guidance} needs class labels and a class-conditional net '
@@ -234,7 +236,7 @@ def weighting(t, cfg):
 # ---------------------------------------------------------------------------------------------------------
 # 5. The training objective (Eq. 12 with the weighting of Eq. 13; Algorithm 1)
 
-def imm_loss(net, x, noise, t, s, cfg, labels=None):
+def imm_loss(net, x, noise, t, s, cfg, labels=None, augment_labels=None):
     """The IMM loss for B samples in B/M groups of M particles sharing (s, r, t) (spec 5, Eq. 12).
 
     x, noise: [B, ...] (noise already scaled by sigma_d); t, s: [B // M], one per group; group g holds rows
@@ -258,15 +260,15 @@ def imm_loss(net, x, noise, t, s, cfg, labels=None):
     devices = [x.device] if x.device.type == 'cuda' else []
     precision = torch.autocast(x.device.type, enabled=False) if cfg.target_fp32 else contextlib.nullcontext()
     with torch.random.fork_rng(devices=devices), torch.no_grad(), precision:
-        y_r = one_step(net, x_r, s_i, r_i, cfg, labels)
-    y_t = one_step(net, x_t, s_i, t_i, cfg, labels)
+        y_r = one_step(net, x_r, s_i, r_i, cfg, labels, augment_labels=augment_labels)
+    y_t = one_step(net, x_t, s_i, t_i, cfg, labels, augment_labels=augment_labels)
 
     with torch.autocast(x.device.type, enabled=False):
         mmd = laplace_mmd(y_t.reshape(B // M, M, -1), y_r.reshape(B // M, M, -1), kernel_weight(s, t, cfg))
         return (weighting(t, cfg).to(mmd.dtype) * mmd).mean()
 
 
-def fm_loss(net, x, noise, t, cfg, labels=None):
+def fm_loss(net, x, noise, t, cfg, labels=None, augment_labels=None):
     """Flow-matching baseline with the same net and parameterization: regress x_hat = f_{0,t}(x_t) onto x.
 
     t: [B], one per sample. Weighted by 1 / c_out(0,t)^2, so the network's own target has unit scale (EDM's
@@ -277,7 +279,7 @@ def fm_loss(net, x, noise, t, cfg, labels=None):
     zero = torch.zeros_like(t)
     alpha_t, sigma_t = alpha_sigma(t, cfg)
     x_t = _per_sample(alpha_t, x) * x + _per_sample(sigma_t, x) * noise
-    x_hat = one_step(net, x_t, zero, t, cfg, labels)
+    x_hat = one_step(net, x_t, zero, t, cfg, labels, augment_labels=augment_labels)
     w = 1 / c_skip_out(zero, t, cfg)[1] ** 2
     err = (x_hat.float() - x.float()).pow(2).reshape(x.shape[0], -1).mean(1)
     return (w.float() * err).mean()

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from checkpoint import load_for_sampling
+import checkpoint
 from data import UsageError, decode, save_image_grid, save_scatter, write_atomically
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
@@ -173,10 +173,8 @@ def run(args):
         shape = [c['in_channels'], c['img_resolution'], c['img_resolution']] if c['arch'] == 'unet' else [c['dim']]
         name, ckpt = args.model, None
     else:
-        path = args.ckpt or newest_checkpoint()
-        if os.path.isdir(path):  # --ckpt runs/moons means its ckpt.pt
-            path = os.path.join(path, 'ckpt.pt')
-        net, cfg, ckpt = load_for_sampling(path, args.raw)
+        path = checkpoint.file_of(args.ckpt or newest_checkpoint())
+        net, cfg, ckpt = checkpoint.load_for_sampling(path, args.raw)
         shape, name = list(ckpt['data']['shape']), path
     times = parse_times(args.times, cfg) if args.times is not None else sampling_times(args.steps or 2, cfg)
 

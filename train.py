@@ -46,7 +46,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
-from data import Dataset, SIGMA_D, UsageError, decode, encode, load_dataset, save_image_grid, save_scatter, to_uint8
+from data import (AUGMENT_DIM, AUGMENT_P, SIGMA_D, Dataset, UsageError, apply_augment, decode, draw_augment, encode,
+                  load_dataset, save_image_grid, save_scatter, to_uint8)
 from imm import IMMConfig, draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -73,7 +74,11 @@ def parse_args(argv=None):
         help='cifar10, a folder of images, a .npy/.npz file, or a toy: checkerboard, moons, spirals, gaussians8')
     add('--data-dir', default='data', help='where cifar10 is kept (downloaded there if missing)')
     add('--resolution', type=int, help='crop and resize images to this side (default: their own size)')
-    add('--xflip', action=argparse.BooleanOptionalAction, default=True, help='random horizontal flips of images')
+    add('--xflip', action=argparse.BooleanOptionalAction, default=True,
+        help='random horizontal flips of images (with --augment > 0, its labelled x-flip takes their place)')
+    add('--augment', type=float,
+        help="probability p of EDM's non-leaking augmentation (paper Table 5 lists it for CIFAR-10 and states no p; "
+             "default: EDM's CIFAR-10 value 0.12 for cifar10, 0 elsewhere)")
     add('--cond', action='store_true', help='class-conditional training on the dataset labels')
     add('--label-dropout', type=float, default=0.1,
         help='with --cond, probability of replacing a label by the null class (for guidance)')
@@ -94,7 +99,8 @@ def parse_args(argv=None):
     add('--k', type=int, default=15, help='r(s,t) steps eta by (eta_max - eta_min) / 2^k (paper: 15 on CIFAR-10)')
     add('--a', type=float, default=1.0, help='time weighting exponent on alpha_t (Eq. 13)')
     add('--b', type=float, default=5.0, help='time weighting sigmoid shift (Eq. 13)')
-    add('--eps', type=float, default=0.006, help='smallest time, where sampling ends; 0 is allowed except with --param identity')
+    add('--eps', type=float, default=0.006,
+        help='smallest time, where sampling ends; 0 is allowed except with --param identity')
     add('--T', type=float, help='largest time, where sampling starts (default: 0.994 for fm, 0.996 for cosine)')
     add('--second-time', choices=['s', 't-s'], default='s', help='second network condition: 1000 s or 1000 (t - s)')
     add('--min-gap', type=float, default=0.0, help='keep r <= t - min_gap (App. I.6: 1e-4 with fp16); 0 = off')
@@ -119,6 +125,8 @@ def parse_args(argv=None):
     add('--compile', action='store_true', help='torch.compile the network (eager, with a warning, if it fails)')
     # output
     add('--out', help='output folder (default: runs/<dataset>)')
+    add('--init-from', help="start from the EMA weights of a train.py checkpoint or of the authors' released "
+                              "cifar10.pt (their network and its settings); the optimizer starts fresh")
     add('--resume', nargs='?', const='',
         help='continue from a checkpoint (default: <out>/ckpt.pt); pass the flags of the first run')
     add('--log-every', type=int, help='steps between progress lines and log.jsonl entries (default 100)')
@@ -140,11 +148,15 @@ def main(argv=None):
     rank, world, device = init_processes(args)
     say = print if rank == 0 else (lambda *a, **k: None)   # only rank 0 talks and writes
     data = load_data(args, rank, world)
-    args, cfg, net_config, M, micro = resolve_settings(args, data, world)
+    init = checkpoint.load_for_sampling(checkpoint.file_of(args.init_from), flag='--init-from')[:2] if args.init_from else None
+    args, cfg, net_config, M, micro = resolve_settings(args, data, world, init and init[0].config)
+    if init and init[1] != cfg:                            # fine-tuning with other method settings is allowed
+        say(f"note: --init-from {args.init_from} was trained with other settings: "
+            f"{'; '.join(checkpoint.config_differences(dataclasses.asdict(init[1]), dataclasses.asdict(cfg), 'imm_config'))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     autocast, scaler = set_precision(args.precision, device)
-    net, ema, opt, start_step, best_fid = build(args, cfg, net_config, scaler, device, data.kind)
+    net, ema, opt, start_step, best_fid = build(args, cfg, net_config, scaler, device, data.kind, init)
     per_rank = args.batch // world
     if micro == 'auto':
         micro = fit_micro_batch(net, data, cfg, args, M, per_rank, autocast, device, world > 1)
@@ -233,15 +245,19 @@ def load_data(args, rank, world):
     return data
 
 
-def resolve_settings(args, data, world):
+def resolve_settings(args, data, world, init_config=None):
     """From the flags, the data and the number of ranks to everything the run is (no side effects):
     (args with the data kind's defaults filled in, IMMConfig, network config, M rows per group, micro-batch
     or 'auto'). Every range check is here, so bad flags stop the run before anything is built or written.
+    init_config: the net config of --init-from's network, which then replaces --model and --channels.
     --bench is a configuration: no output folder, nothing logged or saved, warm-up plus timed steps."""
     args = argparse.Namespace(**vars(args))
     for key, value in DEFAULTS[data.kind].items():        # fill in what the user left to the data kind
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.augment is None:                               # EDM's CIFAR-10 value, where the network can take it
+        takes_labels = init_config is None or init_config.get('augment_dim', 0) == AUGMENT_DIM
+        args.augment = AUGMENT_P if args.dataset == 'cifar10' and takes_labels else 0.0
     if args.cond and data.num_classes == 0:
         raise UsageError(f"--cond: dataset {args.dataset!r} has no labels; leave out --cond, or use a labelled dataset "
                          f"(cifar10, a toy, a folder with one sub-folder per class, an .npz with 'labels')")
@@ -253,7 +269,7 @@ def resolve_settings(args, data, world):
                         min_gap=args.min_gap, target_fp32=args.target_fp32)
     except ValueError as e:
         raise UsageError(re.sub(r'IMMConfig\.(\w+)=', lambda m: f"--{m.group(1).replace('_', '-')} ", str(e))) from None
-    net_config = network_config(args, data)
+    net_config = network_config(args, data, init_config)
     M = cfg.particles if args.loss == 'imm' else 1        # flow matching: every row is its own group
     for flag, ok, accepted in [
             ('iters', args.iters >= 0, 'an integer >= 0'), ('batch', args.batch >= 1, 'an integer >= 1'),
@@ -265,6 +281,8 @@ def resolve_settings(args, data, world):
             ('lr', args.lr > 0, 'a positive number'), ('ema', 0 <= args.ema < 1, 'a number in [0, 1)'),
             ('grad_clip', args.grad_clip >= 0, 'a number >= 0 (0 = off)'),
             ('label_dropout', 0 <= args.label_dropout <= 1, 'a probability in [0, 1]'),
+            ('augment', 0 <= args.augment <= 1 and (args.augment == 0 or data.kind == 'image'),
+             'a probability in [0, 1] for images, 0 for vectors'),
             ('threads', args.threads >= 0, "an integer >= 0 (0 = torch's default)")]:
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: accepted {accepted}")
@@ -283,6 +301,9 @@ def resolve_settings(args, data, world):
     if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
         raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
                          f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
+    if args.init_from and args.resume is not None:
+        raise UsageError(f"--init-from {args.init_from} and --resume: give one; --resume continues a run, "
+                         f"--init-from starts a new one from a network's weights")
     args.out = args.out or os.path.join('runs', os.path.splitext(os.path.basename(args.dataset.rstrip('/\\')))[0])
     if args.bench:
         args.out = args.resume = None
@@ -290,11 +311,15 @@ def resolve_settings(args, data, world):
     return args, cfg, net_config, M, micro
 
 
-def network_config(args, data):
-    """model.build_net's argument: --model's preset fitted to the data's shape, --channels and --dropout."""
+def network_config(args, data, init_config=None):
+    """model.build_net's argument: --model's preset (or --init-from's network) fitted to the data's shape,
+    --channels, --dropout, and the augmentation-label input that --augment needs."""
     shape = list(data.x.shape[1:])
+    if init_config is not None:
+        return init_network_config(args, data, init_config)
     net_config = dict(PRESETS[args.model], num_classes=data.num_classes if args.cond else 0)
     if net_config['arch'] == 'unet':
+        net_config['augment_dim'] = AUGMENT_DIM if args.augment else 0
         if data.kind != 'image':
             raise UsageError(f"--model {args.model} is a U-Net for images, but {args.dataset!r} holds vectors "
                              f"{shape}; use --model mlp")
@@ -313,6 +338,21 @@ def network_config(args, data):
     return net_config
 
 
+def init_network_config(args, data, config):
+    """--init-from: the file's network as it is (only --dropout may change; --model and --channels are not used),
+    checked against the data and the flags."""
+    config = dict(config, **({} if args.dropout is None else {'dropout': args.dropout}))
+    takes = [config['in_channels'], config['img_resolution'], config['img_resolution']] \
+        if config['arch'] == 'unet' else [config['dim']]
+    pairs = {'data shape': (takes, list(data.x.shape[1:])),
+             'classes (--cond)': (config['num_classes'], data.num_classes if args.cond else 0),
+             'augment_dim (--augment)': (config.get('augment_dim', 0), AUGMENT_DIM if args.augment else 0)}
+    problems = [f"{name}: the network's {a}, this run's {b}" for name, (a, b) in pairs.items() if a != b]
+    if problems:
+        raise UsageError(f"--init-from {args.init_from}: its network does not fit this run ({'; '.join(problems)})")
+    return config
+
+
 def set_precision(precision, device):
     """(autocast context, grad scaler) for --precision; TF32 matmuls and convolutions only under tf32."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
@@ -322,12 +362,15 @@ def set_precision(precision, device):
     return autocast, torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
 
 
-def build(args, cfg, net_config, scaler, device, kind):
-    """(net, EMA, RAdam, first step, best FID so far): fresh from --seed, or the state of --resume's checkpoint.
-    A checkpoint of another config, or a run already in --out without --resume, is refused before any write."""
+def build(args, cfg, net_config, scaler, device, kind, init=None):
+    """(net, EMA, RAdam, first step, best FID so far): fresh from --seed (or --init-from's weights, init), or the
+    state of --resume's checkpoint. A checkpoint of another config, or a run already in --out without --resume,
+    is refused before any write."""
     ckpt_path = args.out and os.path.join(args.out, 'ckpt.pt')
     torch.manual_seed(args.seed)                           # the initial weights (replaced when resuming)
     net = build_net(net_config)
+    if init is not None:
+        checkpoint.load_weights(net, init[0].state_dict(), f'--init-from {args.init_from}')
     ckpt = None
     if args.resume is not None:
         ckpt = checkpoint.read(args.resume or ckpt_path)
@@ -361,7 +404,9 @@ def trial_step(model, data, cfg, args, rows, autocast, device):
     t, s = draw_times(rows // M, cfg, device=device)
     x = torch.zeros(rows, *data.x.shape[1:], device=device)
     labels = torch.zeros(rows, dtype=torch.long, device=device) if args.cond else None
-    micro_loss(model, x, cfg.sigma_d * torch.randn_like(x), t, s, labels, cfg, args.loss, autocast).backward()
+    augment_labels = torch.zeros(rows, AUGMENT_DIM, device=device) if args.augment else None
+    micro_loss(model, x, cfg.sigma_d * torch.randn_like(x), t, s, labels, augment_labels, cfg, args.loss,
+               autocast).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -430,12 +475,13 @@ def prepare_output(args, data, cfg, start_step, device):
 # ---- The loop
 
 def draw_batch(step, data, args, cfg, rank=0, world=1):
-    """Everything random in global batch `step`, as this rank's share: (x, noise, t, s, labels).
+    """Everything random in global batch `step`, as this rank's share: (x, noise, t, s, labels, augment_labels).
 
     Rows, times, flips, noise and dropped labels come from one generator seeded by (--seed, step) and are drawn
     for the whole batch, of which each rank keeps its slice: 1 or N ranks, and a resumed run, see the same batch.
-    t and s are one per group of M rows (one per row for flow matching). The global RNG, which draws dropout
-    masks, is seeded by (--seed, step, rank)."""
+    t and s are one per group of M rows (one per row for flow matching). With --augment p > 0, EDM's augmentation
+    (data.draw_augment, apply_augment) replaces the plain x-flip, and its labels go to the network; otherwise
+    augment_labels is None. The global RNG, which draws dropout masks, is seeded by (--seed, step, rank)."""
     M = cfg.particles if args.loss == 'imm' else 1
     per_rank, device = args.batch // world, data.x.device
     mine, my_groups = slice(rank * per_rank, (rank + 1) * per_rank), slice(rank * per_rank // M, (rank + 1) * per_rank // M)
@@ -443,10 +489,12 @@ def draw_batch(step, data, args, cfg, rank=0, world=1):
     torch.manual_seed(seed_for(args.seed, 2, step, rank))
     rows = batch_rows(step, args.batch, len(data.x), args.seed, device)[mine]
     t, s = (v[my_groups] for v in draw_times(args.batch // M, cfg, generator=gen, device=device))
-    x = data.x[rows]
+    x, augment_labels = data.x[rows], None
     if data.kind == 'image':
         x = encode(x)
-        if args.xflip:
+        if args.augment:
+            x, augment_labels = apply_augment(x, draw_augment(args.batch, args.augment, gen)[mine])
+        elif args.xflip:
             flip = torch.rand(args.batch, generator=gen, device=device)[mine] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if device.type == 'cuda':
@@ -456,7 +504,7 @@ def draw_batch(step, data, args, cfg, rank=0, world=1):
     if args.cond:
         drop = torch.rand(args.batch, generator=gen, device=device)[mine] < args.label_dropout
         labels = torch.where(drop, data.num_classes, data.labels[rows])
-    return x, noise, t, s, labels
+    return x, noise, t, s, labels, augment_labels
 
 
 def train(run, first, last):
@@ -470,7 +518,7 @@ def train(run, first, last):
                 run.say(f"wrote {os.path.join(args.out, 'ckpt.pt')} (step {step}); "
                         f"continue with the same command plus --resume")
             return 0
-        x, noise, t, s, labels = draw_batch(step, run.data, args, cfg, run.rank, run.world)
+        x, noise, t, s, labels, augment_labels = draw_batch(step, run.data, args, cfg, run.rank, run.world)
 
         # Forward/backward per micro-batch of whole groups; all but the last skip DDP's all-reduce (no_sync).
         step_loss = torch.zeros((), device=device)
@@ -479,7 +527,8 @@ def train(run, first, last):
             last_micro = run.ddp is None or i == run.num_micro - 1
             with contextlib.nullcontext() if last_micro else run.ddp.no_sync():
                 loss = micro_loss(run.model, x[r], noise[r], t[g], s[g], None if labels is None else labels[r],
-                                  cfg, args.loss, run.autocast) / run.num_micro
+                                  None if augment_labels is None else augment_labels[r], cfg, args.loss,
+                                  run.autocast) / run.num_micro
                 run.scaler.scale(loss).backward()
             step_loss += loss.detach()
         if args.grad_clip:
@@ -497,12 +546,12 @@ def train(run, first, last):
     return 0
 
 
-def micro_loss(model, x, noise, t, s, labels, cfg, loss, autocast):
+def micro_loss(model, x, noise, t, s, labels, augment_labels, cfg, loss, autocast):
     """The training loss of one micro-batch: IMM (Eq. 12; t, s one per group of M rows) or flow matching."""
     with autocast:
         if loss == 'imm':
-            return imm_loss(model, x, noise, t, s, cfg, labels)
-        return fm_loss(model, x, noise, t, cfg, labels)
+            return imm_loss(model, x, noise, t, s, cfg, labels, augment_labels)
+        return fm_loss(model, x, noise, t, cfg, labels, augment_labels)
 
 
 def housekeeping(run, done):

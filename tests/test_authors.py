@@ -265,3 +265,48 @@ def test_a_resampling_filter_other_than_the_box_is_refused():
     state['enc.16x16_down.conv0.resample_filter'] = f.outer(f)[None, None] / 64  # NCSN++'s filter
     with pytest.raises(UsageError, match='enc.16x16_down.conv0.resample_filter.*not the 2x2 box'):
         checkpoint.convert_authors_state(state)
+
+
+# ---------------------------------------------------- their file through our scripts: sample.py and --init-from
+
+UNCOND_TINY = {**model.PRESETS['tiny'], 'img_resolution': 8, 'attn_resolutions': [4]}
+
+
+def test_sample_py_draws_from_their_file_what_their_network_gives(write, tmp_path):
+    import imm
+    import sample as sample_script
+    from data import decode
+    net = random_net(UNCOND_TINY)
+    path = write(tmp_path / 'cifar10.pt', authors_precond(net))
+    out = tmp_path / 'samples.npz'
+    sample_script.main(['--ckpt', str(path), '--steps', '2', '--n', '3', '--out', str(out), '--device', 'cpu'])
+    with np.load(out) as f:
+        images = f['arr_0']
+    noise, _ = sample_script.draw_inputs(torch.Generator().manual_seed(0), 3, [3, 8, 8], 0, 0.5)
+    cfg = imm.IMMConfig()                                    # their CIFAR-10 settings are our defaults
+    expected = decode(imm.sample(net, noise, imm.sampling_times(2, cfg), cfg), types.SimpleNamespace(kind='image'))
+    assert images.shape == (3, 8, 8, 3) and np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_raw_weights_are_refused_for_their_file(write, tmp_path, capsys):
+    import sample as sample_script
+    path = write(tmp_path / 'cifar10.pt', authors_precond(random_net(UNCOND_TINY)))
+    with pytest.raises(SystemExit):
+        sample_script.main(['--ckpt', str(path), '--raw', '--device', 'cpu'])
+    assert "only the EMA weights" in capsys.readouterr().err
+
+
+def test_training_can_start_from_their_weights(write, tmp_path):
+    import train
+    net = random_net(UNCOND_TINY)
+    path = write(tmp_path / 'cifar10.pt', authors_precond(net))
+    np.save(tmp_path / 'images.npy', np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    flags = ['--dataset', str(tmp_path / 'images.npy'), '--iters', '1', '--batch', '4', '--lr', '1e-30',
+             '--sample-every', '0', '--device', 'cpu', '--init-from', str(path)]
+    assert train.main(flags + ['--out', str(tmp_path / 'run')]) == 0
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert trained['net_config'] == net.config and trained['step'] == 1
+    assert all(torch.allclose(trained['net'][k], v, atol=1e-6) for k, v in net.state_dict().items())
+    with pytest.raises(UsageError, match=r"does not fit this run \(classes \(--cond\): the network's 0, this run's 2"):
+        np.savez(tmp_path / 'labelled.npz', x=np.zeros((8, 8, 8, 3), np.uint8), labels=np.arange(8) % 2)
+        train.main(flags[2:] + ['--dataset', str(tmp_path / 'labelled.npz'), '--cond', '--out', str(tmp_path / 'x')])

@@ -172,6 +172,11 @@ def bad_checkpoint(tmp_path, case):
     elif case == 'unknown architecture':
         make_checkpoint(path, TINY_MLP, MOONS)
         torch.save({**torch.load(path), 'net_config': {'arch': 'transformer'}}, path)
+    elif case == 'U-Net of before the SongUNet match':
+        make_checkpoint(path, TINY_UNET, image_data())
+        ckpt = torch.load(path)
+        del ckpt['net_config']['augment_dim']                # written before model.UNet took augment labels
+        torch.save(ckpt, path)
     elif case == 'fine':
         make_checkpoint(path, TINY_MLP, MOONS)
     elif case == 'missing keys':
@@ -185,6 +190,7 @@ def bad_checkpoint(tmp_path, case):
     ('missing keys', [], ['lacks', "'ema'", 'ckpt.pt']),
     ('unknown architecture', [], ['cannot rebuild', "'transformer'", 'ckpt.pt']),
     ('no such file', [], ['no such file', 'ckpt.pt']),
+    ('U-Net of before the SongUNet match', [], ['written before model.UNet computed', 'retrain']),
     ('fine', ['--steps', '0'], ['--steps 0', 'at least 1']),
     ('fine', ['--class', '1'], ['--class 1', 'unconditional']),
     ('fine', ['--out', 'x.pt'], ['--out x.pt', '.npz']),

@@ -214,6 +214,8 @@ def test_a_checkpoint_of_another_config_or_a_corrupt_one_is_refused_untouched(tm
         train.main(toy(out, '--resume', corrupt))
     with pytest.raises(UsageError, match="does not exist"):
         train.main(toy(tmp_path / 'elsewhere', '--resume'))
+    with pytest.raises(UsageError, match="--init-from .* and --resume: give one"):
+        train.main(toy(out, '--resume', '--init-from', out / 'ckpt.pt'))
     assert all(p.read_bytes() == b for p, b in before.items()) and corrupt.read_bytes() == b'\x00' * 100
 
 
@@ -297,7 +299,7 @@ def test_bench_is_a_configuration_that_writes_nothing():
 def test_draw_batch_gives_each_group_one_time_pair_and_images_in_the_network_range():
     data = image_data()
     args, cfg, *_ = settings(data, '--batch', '8', '--cond', '--label-dropout', '0.5')
-    x, noise, t, s, labels = train.draw_batch(0, data, args, cfg)
+    x, noise, t, s, labels, augment_labels = train.draw_batch(0, data, args, cfg)
     assert x.shape == noise.shape == (8, 3, 4, 4) and t.shape == s.shape == (2,) and labels.shape == (8,)
     assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and (s < t).all()
     assert set(labels.tolist()) <= {0, 1, 2, 3}              # 3 = the null class of label dropout
@@ -310,10 +312,35 @@ def test_draw_batch_gives_each_group_one_time_pair_and_images_in_the_network_ran
     assert not torch.equal(noise, other[1]) and not torch.equal(t, other[2])
 
 
-def test_draw_batch_on_two_ranks_splits_the_one_rank_batch():
+@pytest.mark.parametrize('augment', ['0', '0.5'])
+def test_draw_batch_on_two_ranks_splits_the_one_rank_batch(augment):
     data = image_data()
-    args, cfg, *_ = settings(data, '--batch', '8', '--cond')
+    args, cfg, *_ = settings(data, '--batch', '8', '--cond', '--augment', augment)
     whole = train.draw_batch(3, data, args, cfg)
     halves = [train.draw_batch(3, data, args, cfg, rank, world=2) for rank in (0, 1)]
+    assert (whole[-1] is None) == (augment == '0')           # augmentation labels only with --augment > 0
     for a, b0, b1 in zip(whole, *halves):
-        assert torch.equal(a, torch.cat([b0, b1]))
+        assert (a is None and b0 is None and b1 is None) or torch.equal(a, torch.cat([b0, b1]))
+
+
+def test_augmentation_is_edms_on_cifar10_and_off_elsewhere():
+    cifar = Dataset('cifar10', 'image', image_data().x, image_data().labels, 3)
+    args, _, net_config, *_ = settings(cifar, '--model', 'tiny')
+    assert args.augment == 0.12 and net_config['augment_dim'] == 9
+    args, _, net_config, *_ = settings(image_data(), '--model', 'tiny')
+    assert args.augment == 0 and net_config['augment_dim'] == 0
+    args, cfg, *_ = settings(cifar, '--batch', '8')
+    augment_labels = train.draw_batch(0, cifar, args, cfg)[-1]
+    assert augment_labels.shape == (8, 9) and (augment_labels[:, 0] == 1).any()   # x-flip is labelled now
+    with pytest.raises(UsageError, match='--augment 0.5: accepted a probability in \\[0, 1\\] for images, 0 for vectors'):
+        settings(load_dataset('moons'), '--augment', '0.5')
+
+
+def test_a_new_run_can_start_from_the_ema_of_another(tmp_path):
+    train.main(toy(tmp_path / 'first', iters=3))
+    first = load(tmp_path / 'first' / 'ckpt.pt')
+    assert train.main(toy(tmp_path / 'second', '--init-from', tmp_path / 'first', '--lr', '1e-30', iters=1)) == 0
+    second = load(tmp_path / 'second' / 'ckpt.pt')
+    assert second['step'] == 1 and second['net_config'] == first['net_config']
+    assert all(torch.allclose(second['net'][k], v, atol=1e-6) for k, v in first['ema'].items())
+    assert not all(torch.allclose(first['ema'][k], v, atol=1e-6) for k, v in first['net'].items())  # EMA, not net
