@@ -219,7 +219,8 @@ def run(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description='Sample from an IMM checkpoint (or benchmark the sampler).')
     add = p.add_argument
-    add('--ckpt', help='checkpoint file or run folder (default: the newest runs/*/ckpt.pt)')
+    add('--ckpt', help="checkpoint file or run folder, or the authors' released cifar10.pt "
+                       "(default: the newest runs/*/ckpt.pt)")
     add('--out', help='.npz to write, a grid PNG beside it (default: samples.npz beside the checkpoint)')
     add('--steps', type=int, help='number of jumps f_{s,t}, each one network evaluation (default 2)')
     add('--times', help='explicit time grid instead of --steps, e.g. 0.994,0.5833,0.006: strictly decreasing, '
