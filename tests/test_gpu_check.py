@@ -65,7 +65,8 @@ def test_smoke_run_records_every_step_with_its_command(tmp_path, packed_weights)
         assert {'img_per_s', 'step_s', 'peak_mem_gb', 'micro_batch', 'tflops', 'mfu'} <= result.keys(), key
     assert records['train.m1.bf16']['result']['step_s_ratio_to_imm_bf16'] > 0
     assert {'img_per_s', 's_per_batch'} <= records['sample.2step.bf16']['result'].keys()
-    assert records['check.loss_cuda_vs_cpu']['analogue'] and records['check.dropout_mask.bf16']['result']['mismatches'] == 0
+    assert records['check.loss_cuda_vs_cpu']['analogue']  # no CUDA here: says what ran instead
+    assert records['check.dropout_mask.bf16']['result']['mismatches'] == 0
     assert (out / 'digits-1step.png').is_file() and (out / 'digits-2step.png').is_file()
     assert len(list(out.iterdir())) <= 8  # what a device machine sends back: at most 8 files
 
@@ -84,7 +85,8 @@ def test_a_step_past_the_budget_is_skipped_with_the_reason(tmp_path):
     rec = recorder(tmp_path, budget=gpu_check.MIN_STEP_S - 1)
     assert gpu_check.command(rec, 'late', ['-c', 'raise SystemExit(1)'], cap=60) is None
     late, = lines(tmp_path / 'gpu_check.jsonl')
-    assert late['status'] == 'skipped' and 'budget' in late['reason'] and late['cmd'] == "python -c 'raise SystemExit(1)'"
+    assert late['status'] == 'skipped' and 'budget' in late['reason']
+    assert late['cmd'] == "python -c 'raise SystemExit(1)'"
 
 
 def test_a_command_past_its_cap_is_killed_and_recorded(tmp_path, monkeypatch):
