@@ -5,6 +5,7 @@ JSON key that train.py, sample.py or fid.py drops fails here; the helpers that k
 one by one.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,12 @@ def test_smoke_run_records_every_step_with_its_command(tmp_path, packed_weights)
     assert skipped == {'check.oom_halving', 'fid.bench'} | (set(FID_KEYS) if packed_weights is None else set())
     for key in TRAIN_KEYS + SAMPLE_KEYS + ['fid.ref', 'fid.ckpt', 'fid.sample', 'fid.calc', 'check.train_digits']:
         if records[key]['status'] == 'ok':
-            assert records[key]['cmd'].startswith('python ') and records[key]['wall_s'] > 0, key
+            assert re.match(r'(\w+=\S+ )*python ', records[key]['cmd']) and records[key]['wall_s'] > 0, key
     for key in TRAIN_KEYS:
         result = records[key]['result']
         assert {'img_per_s', 'step_s', 'peak_mem_gb', 'micro_batch', 'tflops', 'mfu'} <= result.keys(), key
     assert records['train.m1.bf16']['result']['step_s_ratio_to_imm_bf16'] > 0
+    assert records['train.imm.bf16.compile']['cmd'].startswith('TORCHDYNAMO_DISABLE=1 python ')  # says what ran
     assert {'img_per_s', 's_per_batch'} <= records['sample.2step.bf16']['result'].keys()
     assert records['check.loss_cuda_vs_cpu']['analogue']  # no CUDA here: says what ran instead
     assert records['check.dropout_mask.bf16']['result']['mismatches'] == 0
