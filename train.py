@@ -148,11 +148,12 @@ def main(argv=None):
     rank, world, device = init_processes(args)
     say = print if rank == 0 else (lambda *a, **k: None)   # only rank 0 talks and writes
     data = load_data(args, rank, world)
-    init = checkpoint.load_for_sampling(checkpoint.file_of(args.init_from), flag='--init-from')[:2] if args.init_from else None
+    init = checkpoint.load_for_sampling(checkpoint.file_of(args.init_from), flag='--init-from')[:2] \
+        if args.init_from else None                         # (network, IMMConfig) to start from
     args, cfg, net_config, M, micro = resolve_settings(args, data, world, init and init[0].config)
     if init and init[1] != cfg:                            # fine-tuning with other method settings is allowed
-        say(f"note: --init-from {args.init_from} was trained with other settings: "
-            f"{'; '.join(checkpoint.config_differences(dataclasses.asdict(init[1]), dataclasses.asdict(cfg), 'imm_config'))}")
+        differences = checkpoint.config_differences(dataclasses.asdict(init[1]), dataclasses.asdict(cfg), 'imm_config')
+        say(f"note: --init-from {args.init_from} was trained with other settings: {'; '.join(differences)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     autocast, scaler = set_precision(args.precision, device)
@@ -307,7 +308,8 @@ def resolve_settings(args, data, world, init_config=None):
     args.out = args.out or os.path.join('runs', os.path.splitext(os.path.basename(args.dataset.rstrip('/\\')))[0])
     if args.bench:
         args.out = args.resume = None
-        args.iters, args.log_every, args.ckpt_every, args.sample_every, args.fid_every = BENCH_WARMUP + args.bench, 0, 0, 0, 0
+        args.iters = BENCH_WARMUP + args.bench
+        args.log_every = args.ckpt_every = args.sample_every = args.fid_every = 0
     return args, cfg, net_config, M, micro
 
 
@@ -484,7 +486,8 @@ def draw_batch(step, data, args, cfg, rank=0, world=1):
     augment_labels is None. The global RNG, which draws dropout masks, is seeded by (--seed, step, rank)."""
     M = cfg.particles if args.loss == 'imm' else 1
     per_rank, device = args.batch // world, data.x.device
-    mine, my_groups = slice(rank * per_rank, (rank + 1) * per_rank), slice(rank * per_rank // M, (rank + 1) * per_rank // M)
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)                 # this rank's rows ...
+    my_groups = slice(rank * per_rank // M, (rank + 1) * per_rank // M)  # ... and its groups of M rows
     gen = torch.Generator(device).manual_seed(seed_for(args.seed, 1, step))
     torch.manual_seed(seed_for(args.seed, 2, step, rank))
     rows = batch_rows(step, args.batch, len(data.x), args.seed, device)[mine]
@@ -523,7 +526,8 @@ def train(run, first, last):
         # Forward/backward per micro-batch of whole groups; all but the last skip DDP's all-reduce (no_sync).
         step_loss = torch.zeros((), device=device)
         for i in range(run.num_micro):
-            r, g = slice(i * run.micro, (i + 1) * run.micro), slice(i * run.micro // run.M, (i + 1) * run.micro // run.M)
+            r = slice(i * run.micro, (i + 1) * run.micro)                           # rows ...
+            g = slice(i * run.micro // run.M, (i + 1) * run.micro // run.M)         # ... and their groups
             last_micro = run.ddp is None or i == run.num_micro - 1
             with contextlib.nullcontext() if last_micro else run.ddp.no_sync():
                 loss = micro_loss(run.model, x[r], noise[r], t[g], s[g], None if labels is None else labels[r],
