@@ -10,7 +10,8 @@ nothing in it can run code:
     args         train.py's flags (vars(args)), defaults filled in
     net_config   model.build_net's argument: rebuilds the network
     imm_config   dataclasses.asdict(imm.IMMConfig): the method's settings
-    data         name, kind ('image' | 'vector'), shape, num_classes, mean and std (vectors: undo standardising)
+    data         name, kind ('image' | 'vector' | 'latent'), shape, num_classes, mean and std (vectors and latents:
+                 x_raw = x / scale * std + mean); latents also: scale (sigma_d) and vae (what encoded them)
     rng          torch / CUDA / numpy / Python global RNG states
     best_fid     the best 2-step FID seen with --fid-every (None without)
 
@@ -36,7 +37,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import UsageError, write_atomically
+from data import SIGMA_D, UsageError, write_atomically
 from imm import IMMConfig
 from model import UNet, build_net
 
@@ -55,9 +56,12 @@ def make(net, ema, opt, scaler, step, args, cfg, data, best_fid=None):
 
 def data_info(data):
     """What sample.py needs to know of a data.Dataset: its kind and shape, and how to undo its standardisation."""
-    return {'name': data.name, 'kind': data.kind, 'shape': list(data.x.shape[1:]), 'num_classes': data.num_classes,
+    info = {'name': data.name, 'kind': data.kind, 'shape': list(data.x.shape[1:]), 'num_classes': data.num_classes,
             'mean': None if data.mean is None else data.mean.tolist(),
             'std': None if data.std is None else data.std.tolist()}
+    if data.kind == 'latent':                          # the per-channel normalisation and the VAE that decodes
+        info.update(scale=SIGMA_D, vae=data.vae)
+    return info
 
 
 def save(path, ckpt):
