@@ -5,7 +5,7 @@ its log, and the random-number state that makes a resumed run exact.
 A checkpoint is a plain dict of tensors and Python values, so torch.load(weights_only=True) reads it and
 nothing in it can run code:
     net, ema     state dicts of the trained network and of its EMA (sample.py uses 'ema' unless --raw)
-    opt, scaler  RAdam and fp16 grad-scaler state (scaler: None unless --precision fp16)
+    opt, scaler  optimizer (RAdam or AdamW) and fp16 grad-scaler state (scaler: None unless --precision fp16)
     step         optimizer steps done
     args         train.py's flags (vars(args)), defaults filled in
     net_config   model.build_net's argument: rebuilds the network
@@ -149,11 +149,12 @@ def config_differences(saved, wanted, prefix):
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def check_resumable(ckpt, path, net_config, cfg, loss):
+def check_resumable(ckpt, path, net_config, cfg, loss, optimizer='radam'):
     """A UsageError naming every setting in which the checkpoint's run differs from the one asked for."""
+    saved = {'loss': ckpt['args'].get('loss'), 'optimizer': ckpt['args'].get('optimizer', 'radam')}
     differences = (config_differences(ckpt['net_config'], net_config, 'net_config')
                    + config_differences(ckpt['imm_config'], asdict(cfg), 'imm_config')
-                   + config_differences({'loss': ckpt['args'].get('loss')}, {'loss': loss}, 'args'))
+                   + config_differences(saved, {'loss': loss, 'optimizer': optimizer}, 'args'))
     if differences:
         raise UsageError(f"checkpoint {path!r} was trained with another config: {'; '.join(differences)}. "
                          f"Pass the flags of the run that wrote it.")
