@@ -225,3 +225,12 @@ def test_sampling_latents_without_a_vae_or_diffusers_is_a_clear_error(tmp_path, 
 def test_vae_script_errors_are_one_line(tmp_path):
     result = run_script('vae.py', tmp_path / 'nowhere', '--out', tmp_path / 'x.npz', '--device', 'cpu')
     assert result.returncode == 2 and 'no such folder' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    latent_file(tmp_path / 'latents.npz')
+    flags = ['--dataset', str(tmp_path / 'latents.npz'), '--model', 'tiny', '--iters', '1', '--batch', '8',
+             '--precision', 'fp32', '--out', str(tmp_path / 'run'), '--sample-every', '0', '--device', 'cpu']
+    assert train.main(flags) == 0
+    with pytest.raises(UsageError, match="args.optimizer: checkpoint 'adamw', flags 'radam'"):
+        train.main(flags + ['--iters', '2', '--resume', '--optimizer', 'radam'])
