@@ -5,12 +5,13 @@ its log, and the random-number state that makes a resumed run exact.
 A checkpoint is a plain dict of tensors and Python values, so torch.load(weights_only=True) reads it and
 nothing in it can run code:
     net, ema     state dicts of the trained network and of its EMA (sample.py uses 'ema' unless --raw)
-    opt, scaler  RAdam and fp16 grad-scaler state (scaler: None unless --precision fp16)
+    opt, scaler  optimizer (RAdam or AdamW) and fp16 grad-scaler state (scaler: None unless --precision fp16)
     step         optimizer steps done
     args         train.py's flags (vars(args)), defaults filled in
     net_config   model.build_net's argument: rebuilds the network
     imm_config   dataclasses.asdict(imm.IMMConfig): the method's settings
-    data         name, kind ('image' | 'vector'), shape, num_classes, mean and std (vectors: undo standardising)
+    data         name, kind ('image' | 'vector' | 'latent'), shape, num_classes, mean and std (vectors and latents:
+                 x_raw = x / scale * std + mean); latents also: scale (sigma_d) and vae (what encoded them)
     rng          torch / CUDA / numpy / Python global RNG states
     best_fid     the best 2-step FID seen with --fid-every (None without)
 
@@ -36,7 +37,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import UsageError, write_atomically
+from data import SIGMA_D, UsageError, write_atomically
 from imm import IMMConfig
 from model import UNet, build_net
 
@@ -55,9 +56,12 @@ def make(net, ema, opt, scaler, step, args, cfg, data, best_fid=None):
 
 def data_info(data):
     """What sample.py needs to know of a data.Dataset: its kind and shape, and how to undo its standardisation."""
-    return {'name': data.name, 'kind': data.kind, 'shape': list(data.x.shape[1:]), 'num_classes': data.num_classes,
+    info = {'name': data.name, 'kind': data.kind, 'shape': list(data.x.shape[1:]), 'num_classes': data.num_classes,
             'mean': None if data.mean is None else data.mean.tolist(),
             'std': None if data.std is None else data.std.tolist()}
+    if data.kind == 'latent':                          # the per-channel normalisation and the VAE that decodes
+        info.update(scale=SIGMA_D, vae=data.vae)
+    return info
 
 
 def save(path, ckpt):
@@ -145,11 +149,12 @@ def config_differences(saved, wanted, prefix):
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def check_resumable(ckpt, path, net_config, cfg, loss):
+def check_resumable(ckpt, path, net_config, cfg, loss, optimizer='radam'):
     """A UsageError naming every setting in which the checkpoint's run differs from the one asked for."""
+    saved = {'loss': ckpt['args'].get('loss'), 'optimizer': ckpt['args'].get('optimizer', 'radam')}
     differences = (config_differences(ckpt['net_config'], net_config, 'net_config')
                    + config_differences(ckpt['imm_config'], asdict(cfg), 'imm_config')
-                   + config_differences({'loss': ckpt['args'].get('loss')}, {'loss': loss}, 'args'))
+                   + config_differences(saved, {'loss': loss, 'optimizer': optimizer}, 'args'))
     if differences:
         raise UsageError(f"checkpoint {path!r} was trained with another config: {'; '.join(differences)}. "
                          f"Pass the flags of the run that wrote it.")

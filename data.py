@@ -10,13 +10,22 @@ What `name` can be:
   downloaded there with torchvision only when that folder is missing.
 - a folder of images (searched recursively), centre-cropped and resized to `resolution`. Images inside
   sub-folders get the sub-folder's name as their class, as torchvision's ImageFolder does.
-- a .npy / .npz file: uint8 images [N, H, W, C], [N, C, H, W] or [N, H, W], or float vectors [N, D].
-  A .npz holds one array, or the data under 'x' and optional int labels under 'labels'.
+- a .npy / .npz file: uint8 images [N, H, W, C], [N, C, H, W] or [N, H, W], float vectors [N, D], or float
+  latents [N, C, H, W]. A .npz holds one array, or the data under 'x' and optional int labels under 'labels'.
+- latents (kind 'latent'): any float [N, C, H, W] array, e.g. the .npz that `python vae.py IMAGE_FOLDER --out F.npz`
+  writes (Stable Diffusion VAE latents of ImageNet, the paper's ImageNet-256 data, App. I). Such a file holds
+  x (the raw latents), labels, latent_mean and latent_std (float [C]: the per-channel statistics to normalise by;
+  vae.py writes the release's ImageNet values for sd-vae-ft-ema) and vae (the VAE's name, which sample.py decodes
+  with). Without latent_mean/latent_std, each channel is normalised by its own mean and std over the file, as
+  vectors are.
 - a built-in 2-D toy generated in code: 'checkerboard', 'moons', 'spirals', 'gaussians8' (with labels).
 
 Images stay uint8 here; encode() maps a batch to [-1, 1] (spec section 6) when train.py draws it. Vectors
 are standardised per dimension to std sigma_d, the data scale the IMM schedules assume (spec section 2);
-`mean` and `std` undo it. save_image_grid and save_scatter write the pictures that train.py and sample.py show.
+`mean` and `std` undo it. Latents are normalised per channel the same way, x = (raw - mean) / std * sigma_d
+(normalise_latents; denormalise_latents undoes it), and kept in float16 (ImageNet's 1.28M latents: 10.5 GB; the
+release also runs its VAE in fp16); train.py casts each batch to float32.
+save_image_grid and save_scatter write the pictures that train.py and sample.py show.
 draw_augment and apply_augment are EDM's non-leaking augmentation of image batches (the paper's CIFAR-10 recipe).
 """
 
@@ -43,12 +52,14 @@ class UsageError(Exception):
 @dataclass
 class Dataset:
     name: str
-    kind: str                          # 'image' or 'vector'
-    x: torch.Tensor                    # uint8 [N, C, H, W] images, or float32 [N, D] standardised vectors
+    kind: str                          # 'image', 'vector' or 'latent'
+    x: torch.Tensor                    # uint8 [N, C, H, W] images, float32 [N, D] standardised vectors,
+                                       # or float16 [N, C, H, W] normalised latents
     labels: torch.Tensor | None        # int64 [N] in [0, num_classes), or None
     num_classes: int                   # 0 when there are no labels
-    mean: torch.Tensor | None = None   # float32 [D]: vectors only, x_raw = x / sigma_d * std + mean
+    mean: torch.Tensor | None = None   # float32 [D] (vectors) or [C] (latents): x_raw = x / sigma_d * std + mean
     std: torch.Tensor | None = None
+    vae: str | None = None             # latents: the VAE that encoded them (a diffusers name or folder), if known
 
 
 def load_dataset(name, data_dir='data', resolution=None, workers=0):
@@ -209,11 +220,24 @@ class _ImageFiles(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), ''
 
 
-def _read_folder(folder, resolution, workers):
+def image_files(folder):
+    """(sorted image paths under folder, int labels or None, class names or None). ImageFolder layout:
+    <folder>/<class name>/<image> labels each image by its sub-folder, classes in sorted order (ImageNet's train
+    layout gives the usual class indices); images directly in folder, or a single sub-folder, mean no labels."""
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder, followlinks=True)
                    for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise UsageError(f"folder {folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    parents = [os.path.relpath(os.path.dirname(p), folder).split(os.sep)[0] for p in paths]
+    if '.' in parents or len(set(parents)) < 2:
+        return paths, None, None
+    classes = sorted(set(parents))
+    index = {c: i for i, c in enumerate(classes)}
+    return paths, np.array([index[p] for p in parents], dtype=np.int64), classes
+
+
+def _read_folder(folder, resolution, workers):
+    paths, labels, _ = image_files(folder)
     if resolution is None:
         with Image.open(paths[0]) as first:
             if first.size[0] != first.size[1]:
@@ -228,23 +252,17 @@ def _read_folder(folder, resolution, workers):
         if any(errors):
             raise UsageError(next(e for e in errors if e))
         images.append(batch.numpy())
-    images = np.concatenate(images)
-    # ImageFolder layout: <folder>/<class name>/<image>; classes in sorted order.
-    parents = [os.path.relpath(os.path.dirname(p), folder).split(os.sep)[0] for p in paths]
-    if '.' in parents or len(set(parents)) < 2:
-        return images, None
-    classes = sorted(set(parents))
-    return images, np.array([classes.index(p) for p in parents])
+    return np.concatenate(images), labels
 
 
 def _read_array(path, resolution):
     what = ("uint8 images [N, H, W, C], [N, C, H, W] or [N, H, W] (C = 1 or 3), "
-            "or float vectors [N, D]")
+            "float vectors [N, D], or float latents [N, C, H, W] with H = W")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as e:
         raise UsageError(f"cannot read {path!r} as a numpy file ({type(e).__name__}: {e})") from None
-    labels = None
+    labels, latent = None, {}
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
@@ -253,6 +271,7 @@ def _read_array(path, resolution):
             elif 'x' in keys:
                 array = loaded['x']
                 labels = loaded['labels'] if 'labels' in keys else None
+                latent = {k: loaded[k] for k in LATENT_KEYS if k in keys}
             else:
                 raise UsageError(f"{path!r} holds arrays {keys}; expected one array, or 'x' (and optional 'labels')")
     else:
@@ -264,6 +283,12 @@ def _read_array(path, resolution):
             raise UsageError(f"labels in {path!r} are {labels.dtype} {list(labels.shape)}; "
                              f"expected non-negative integers [{len(array)}]")
     name = path
+    is_latent = np.issubdtype(array.dtype, np.floating) and array.ndim == 4 and array.shape[2] == array.shape[3]
+    if latent and not is_latent:
+        raise UsageError(f"{path!r} holds {', '.join(latent)}, keys of latents, but x is {array.dtype} "
+                         f"{list(array.shape)}; expected float latents [N, C, H, W] with H = W")
+    if is_latent:
+        return _latents(path, array, labels, **latent)
     if array.dtype == np.uint8 and array.ndim in (3, 4):
         if array.ndim == 3:
             images = array[:, None]                                  # [N, H, W] grey
@@ -279,6 +304,56 @@ def _read_array(path, resolution):
             raise UsageError(f"{path!r} holds NaN or infinite values; expected finite float vectors [N, D]")
         return _vectors(name, array, labels)
     raise UsageError(f"{path!r} holds {array.dtype} {list(array.shape)}; expected {what}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latents: float [N, C, H, W] from a VAE (vae.py), normalised per channel to std sigma_d (App. I: the ImageNet
+# latents' channels are normalised by fixed means and stds, then multiplied by 0.5 = sigma_d).
+
+LATENT_KEYS = ('latent_mean', 'latent_std', 'vae')   # what a latent .npz may hold beside x and labels
+
+
+def normalise_latents(raw, mean, std):
+    """Raw latents [N, C, H, W] -> the network's data: (raw - mean) / std * sigma_d, mean and std per channel."""
+    return (raw - mean[:, None, None]) / std[:, None, None] * SIGMA_D
+
+
+def denormalise_latents(x, mean, std):
+    """The inverse of normalise_latents: x / sigma_d * std + mean, per channel."""
+    return x / SIGMA_D * std[:, None, None] + mean[:, None, None]
+
+
+def _latents(name, array, labels=None, latent_mean=None, latent_std=None, vae=None):
+    """Latents normalised by the file's latent_mean / latent_std, or by their own per-channel statistics;
+    held in float16, normalised in chunks so that ImageNet's array is never copied whole in float32."""
+    n, c = array.shape[:2]
+    if (latent_mean is None) != (latent_std is None):
+        raise UsageError(f"{name!r} holds only one of latent_mean and latent_std; give both (float [{c}]) or neither")
+    if latent_mean is None:                # the data's own statistics, accumulated in float64 chunk by chunk
+        total, total_sq, count = np.zeros(c), np.zeros(c), n * array[0, 0].size
+        for i in range(0, n, 65536):
+            chunk = array[i:i + 65536].astype(np.float64)
+            total, total_sq = total + chunk.sum((0, 2, 3)), total_sq + (chunk ** 2).sum((0, 2, 3))
+        latent_mean = total / count
+        latent_std = np.sqrt(np.maximum(total_sq / count - latent_mean ** 2, 0))
+        latent_std[latent_std == 0] = 1.0  # a constant channel stays constant (0) instead of dividing by 0
+    mean, std = np.asarray(latent_mean, np.float64), np.asarray(latent_std, np.float64)
+    if mean.shape != (c,) or std.shape != (c,) or not (np.isfinite(mean).all() and np.isfinite(std).all()
+                                                        and (std > 0).all()):
+        raise UsageError(f"{name!r}: latent_mean {mean.tolist()} and latent_std {std.tolist()} must be finite, "
+                         f"with std > 0, one per channel of x {list(array.shape)} ({c})")
+    mean, std = torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+    x = torch.empty(array.shape, dtype=torch.float16)
+    for i in range(0, n, 65536):
+        chunk = torch.from_numpy(np.ascontiguousarray(array[i:i + 65536])).float()
+        if not torch.isfinite(chunk).all():
+            raise UsageError(f"{name!r} holds NaN or infinite values; expected finite float latents [N, C, H, W]")
+        x[i:i + 65536] = normalise_latents(chunk, mean, std)
+    num_classes = 0
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        num_classes = int(labels.max()) + 1
+    return Dataset(name, 'latent', x, labels, num_classes, mean, std, None if vae is None else str(vae))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,10 +461,13 @@ def to_uint8(x):
 
 
 def decode(x, data):
-    """Network outputs back to data space, as numpy: uint8 [N, H, W, C] images or float [N, D] vectors."""
+    """Network outputs back to data space, as numpy: uint8 [N, H, W, C] images, float [N, D] vectors, or raw
+    float latents [N, C, H, W] (for the VAE's decoder: vae.decode_latents)."""
     x = x.detach().float().cpu()
     if data.kind == 'image':
         return to_uint8(x).permute(0, 2, 3, 1).numpy()
+    if data.kind == 'latent':
+        return denormalise_latents(x, data.mean, data.std).numpy()
     return (x / SIGMA_D * data.std + data.mean).numpy()
 
 

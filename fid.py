@@ -12,6 +12,7 @@ step matches the TensorFlow original, so this file writes each step out (spec se
     python fid.py ref --dataset cifar10 --out refs/cifar10.npz    # reference statistics (mu, sigma)
     python fid.py calc samples.npz --ref refs/cifar10.npz         # FID of sample.py's output
     python fid.py calc path/to/pngs/ --ref refs/cifar10.npz       # ... or of a folder of images
+    python fid.py calc samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # ImageNet 256: ADM's reference batch
     python fid.py bench --n 64                                    # speed (see docs/fid.md)
 
 Weights: by default pytorch-fid's port of the TensorFlow network is downloaded once into torch
@@ -489,8 +490,10 @@ def stats_of_batches(net, batches, total, label=None):
 
 
 def load_ref(ref):
-    """(mu, sigma) from an .npz with keys mu and sigma (EDM's layout), or a (mu, sigma) pair; a file that
-    holds anything else than finite mu [D] and sigma [D, D] is a UsageError."""
+    """(mu, sigma) from an .npz with keys mu and sigma (EDM's layout; also ADM's reference batches such as
+    VIRTUAL_imagenet256_labeled.npz, which hold images under arr_0 and spatial statistics mu_s, sigma_s beside
+    them, all ignored here as ADM's evaluator ignores them for FID), or a (mu, sigma) pair; a file whose mu and
+    sigma are not finite mu [D] and sigma [D, D] is a UsageError."""
     if isinstance(ref, (tuple, list)):
         return ref
     if not os.path.isfile(ref):
@@ -575,7 +578,8 @@ def main(argv=None):
     calc = sub.add_parser('calc', help='FID of generated images against reference statistics')
     calc.add_argument('images', help='.npz with uint8 NHWC images under arr_0 (sample.py\'s output), '
                                      'or a folder of images')
-    calc.add_argument('--ref', required=True, help='reference statistics .npz (keys mu, sigma), from `ref` or EDM')
+    calc.add_argument('--ref', required=True, help='reference statistics .npz (keys mu, sigma, other keys ignored): '
+                                                   'from `ref`, EDM, or ADM\'s reference batches (ImageNet)')
     bench_p = sub.add_parser('bench', help='print a JSON line: features img/s and Frechet time vs scipy sqrtm')
     bench_p.add_argument('--n', type=int, default=64, help='number of random images to time')
     bench_p.add_argument('--resolution', type=int, default=32, help='side of the random images (resized to 299)')

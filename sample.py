@@ -7,10 +7,16 @@ at t = T down to data at t = eps (paper Sec. 4.3, Algorithm 2; IMM-SPEC.md secti
     python sample.py --times 0.994,0.5833,0.006 # an explicit time grid instead of --steps
     python sample.py --guidance 1.5 --class 3   # class-conditional checkpoints (CFG, Eq. 14)
     python sample.py --bench --model ddpmpp --precision bf16 --compile   # speed only: prints one JSON line
+    python sample.py --ckpt runs/imagenet-latents --steps 8 --guidance 1.5   # latents, decoded by the SD VAE
+    python sample.py --ckpt runs/imagenet-latents --times 0.994,0.497,0 --guidance 1.5   # the release's 2-step grid
 
 The .npz holds arr_0, uint8 images [N, H, W, C] (the layout the ADM/EDM evaluation tools read), and for
 class-conditional nets arr_1, int64 labels [N]; for vector data arr_0 is float32 [N, D] in the data's own
-units. Sample i's noise (and label) is the i-th draw from a generator seeded with --seed, so the first n
+units. A latent checkpoint's samples are decoded by the VAE that encoded its data (vae.py, diffusers; --vae
+overrides it) into uint8 images, as above. The default grids (imm.sampling_times) are the release's ImageNet grids,
+1 step T -> eps and 4 or 8 steps uniform in t, except 2 steps, where eta(t1) = 1.4 (the paper's CIFAR-10 grid, also
+reported for ImageNet); the release's uniform 2-step grid is --times T,T/2,eps (0.994,0.497,0 for ImageNet).
+Sample i's noise (and label) is the i-th draw from a generator seeded with --seed, so the first n
 samples are the same whatever --batch or --n is (only the re-noising of --restart depends on --batch).
 """
 import argparse
@@ -28,6 +34,7 @@ import torch
 
 import checkpoint
 from data import UsageError, decode, save_image_grid, save_scatter, write_atomically
+from vae import DEFAULT_VAE, decode_latents, load_vae
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -75,9 +82,9 @@ def draw_inputs(generator, count, shape, num_classes, sigma_d):
     return torch.stack(noise), torch.stack(labels) if num_classes else None
 
 
-def generate(net, cfg, times, data, n, fm, device, autocast, args):
-    """n samples, batch by batch, decoded: {'arr_0': uint8 NHWC images or float32 [n, D] vectors,
-    'arr_1': int64 labels of a class-conditional net}."""
+def generate(net, cfg, times, data, n, fm, device, autocast, args, vae=None):
+    """n samples, batch by batch, decoded: {'arr_0': uint8 NHWC images (latents: through vae) or float32 [n, D]
+    vectors, 'arr_1': int64 labels of a class-conditional net}."""
     num_classes, shape = net.num_classes, list(data['shape'])
     as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float32)
     units = SimpleNamespace(kind=data['kind'], mean=as_tensor(data['mean']), std=as_tensor(data['std']))  # for decode
@@ -96,7 +103,8 @@ def generate(net, cfg, times, data, n, fm, device, autocast, args):
         with autocast:
             x = sample(net, noise, times, cfg, labels=None if labels is None else labels.to(device),
                        guidance=args.guidance, restart=args.restart, generator=restart_generator, denoiser=fm)
-        samples.append(decode(x, units))  # uint8 NHWC images, or vectors with the standardisation undone
+        x = decode(x, units)  # uint8 NHWC images, vectors or raw latents with the normalisation undone
+        samples.append(decode_latents(vae, x) if vae is not None else x)
         if labels is not None:
             labels_all.append(labels.numpy())
         if n > args.batch:
@@ -170,7 +178,8 @@ def run(args):
             raise UsageError(f'--model {args.model}: unknown preset; accepted: {", ".join(PRESETS)}')
         net, cfg = build_net(PRESETS[args.model]), IMMConfig()
         c = net.config
-        shape = [c['in_channels'], c['img_resolution'], c['img_resolution']] if c['arch'] == 'unet' else [c['dim']]
+        shape = [c['in_channels'], c['img_resolution'], c['img_resolution']] if c['arch'] in ('unet', 'dit') \
+            else [c['dim']]
         name, ckpt = args.model, None
     else:
         path = checkpoint.file_of(args.ckpt or newest_checkpoint())
@@ -190,7 +199,9 @@ def run(args):
         return bench(net, cfg, times, shape, device, autocast, args, name)
 
     fm = ckpt['args'].get('loss') == 'fm'  # a flow-matching baseline: sample with its DDIM denoiser
-    kind, n = ckpt['data']['kind'], args.n or (GRID if ckpt['data']['kind'] == 'image' else 2000)
+    kind, n = ckpt['data']['kind'], args.n or (GRID if ckpt['data']['kind'] != 'vector' else 2000)
+    if args.vae is not None and kind != 'latent':
+        raise UsageError(f'--vae {args.vae}: only for checkpoints trained on latents; this one holds {kind}s')
     out = args.out or os.path.join(os.path.dirname(path), 'samples.npz')
     if not out.endswith('.npz'):
         raise UsageError(f'--out {out}: must end in .npz')
@@ -202,11 +213,19 @@ def run(args):
           + (f"guidance {args.guidance}, class {'random' if args.class_label is None else args.class_label}, "
              if num_classes else '') + f"device {device}, {args.precision}")
 
-    arrays = generate(net, cfg, times, ckpt['data'], n, fm, device, autocast, args)
+    vae = None
+    if kind == 'latent':  # loaded before sampling, so that a missing VAE stops the run at once
+        vae_name = args.vae or ckpt['data'].get('vae')
+        if not vae_name:
+            raise UsageError(f"{path}: its latents name no VAE (their .npz had no 'vae' key); pass --vae, e.g. "
+                             f"--vae {DEFAULT_VAE}, the release's")
+        print(f'decoding latents with the VAE {vae_name}')
+        vae = load_vae(vae_name, device)
+    arrays = generate(net, cfg, times, ckpt['data'], n, fm, device, autocast, args, vae)
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     write_atomically(out, lambda tmp: np.savez(tmp, **arrays))
     png = os.path.splitext(out)[0] + '.png'
-    if kind == 'image':
+    if kind != 'vector':
         write_atomically(png, lambda tmp: save_image_grid(arrays['arr_0'][:GRID], tmp))
     elif arrays['arr_0'].shape[1] == 2:
         write_atomically(png, lambda tmp: save_scatter(arrays['arr_0'], tmp))
@@ -231,6 +250,8 @@ def main(argv=None):
     add('--guidance', type=float, default=1.0, help='classifier-free guidance weight w (Eq. 14); 1 = none')
     add('--class', dest='class_label', type=int, help='class of every sample (default: uniform, drawn with --seed)')
     add('--restart', action='store_true', help='restart sampling: jump to eps, re-noise to the next time (App. F)')
+    add('--vae', help='latent checkpoints: the diffusers AutoencoderKL that decodes them, a Hugging Face name or '
+                      f'a local folder (default: the one that encoded the data, as the checkpoint names it)')
     add('--raw', action='store_true', help="use the training weights ckpt['net'] instead of the EMA ckpt['ema']")
     add('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
         help='cpu, cuda or cuda:N (default: cuda when available)')

@@ -1,7 +1,7 @@
 """
 Train a few-step generator with Inductive Moment Matching (IMM, Zhou/Ermon/Song ICML 2025): draw a batch and
-per-group times (s, t), take imm.imm_loss, step RAdam, update the EMA; checkpoints, pictures and logs go to
---out (default runs/<dataset>).
+per-group times (s, t), take imm.imm_loss, step RAdam (AdamW for latents), update the EMA; checkpoints, pictures
+and logs go to --out (default runs/<dataset>).
 
     python train.py --dataset moons                 # 2-D toy on a CPU, a few minutes -> runs/moons/
     python train.py --dataset moons --resume        # continue runs/moons/ckpt.pt (same flags as the first run)
@@ -10,10 +10,12 @@ per-group times (s, t), take imm.imm_loss, step RAdam, update the EMA; checkpoin
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
     python train.py --dataset cifar10 --fid-every 20000 --fid-ref refs/cifar10.npz   # FID while training
     python train.py --dataset cifar10 --bench 20 --precision bf16   # speed of the chosen config: one JSON line
+    torchrun --standalone --nproc_per_node=8 train.py --dataset imagenet-latents.npz   # ImageNet-256 (README)
 
 --dataset is cifar10, a folder of images, a .npy/.npz array, or a 2-D toy (checkerboard, moons, spirals,
-gaussians8); see data.py. Images train the U-Net (model.PRESETS['ddpmpp']) with the paper's settings;
-vectors train the MLP with settings that give good samples in a few CPU minutes (DEFAULTS below).
+gaussians8); see data.py. Images train the U-Net (model.PRESETS['ddpmpp']) with the paper's CIFAR-10 settings;
+latents (an .npz from vae.py) train DiT-XL/2 with its ImageNet-256 settings; vectors train the MLP with settings
+that give good samples in a few CPU minutes (DEFAULTS below).
 --batch is the global batch: it is split across torchrun's ranks, then into micro-batches of whole groups
 of M particles (gradient accumulation; M = 1 for flow matching). Everything random in a step is drawn from
 generators seeded by (--seed, step), so a resumed run ends with the same weights as an uninterrupted one,
@@ -53,16 +55,28 @@ from model import PRESETS, build_net
 
 # Settings that depend on the kind of data. Images: the paper's CIFAR-10 run (spec section 7, Table 5).
 # Vectors (2-D toys): a 64-wide MLP on one CPU thread, 6000 steps, ~100 s to two clean moons at 2 steps.
+# Latents (SD-VAE latents, vae.py): the paper's ImageNet-256 run (spec section 7, App. I), its best model (FID 1.99
+# at 8 steps): a = 2 with the second condition t - s, fp16 and r <= t - 1e-4 (App. I.6); the a = 1, s model is
+# --a 1 --second-time s --min-gap 0 --precision tf32. Class-conditional when the latents have labels.
 DEFAULTS = {
     'image': dict(model='ddpmpp', channels=None, iters=400_000, batch=4096, lr=1e-4, ema=0.9999,
                   log_every=100, ckpt_every=5000, sample_every=10_000, threads=0),
     'vector': dict(model='mlp', channels=64, iters=6000, batch=512, lr=2e-3, ema=0.999,
                    log_every=100, ckpt_every=1000, sample_every=1000, threads=1),
+    'latent': dict(model='dit-xl2', channels=None, iters=1_200_000, batch=4096, lr=1e-4, ema=0.9999,
+                   log_every=100, ckpt_every=5000, sample_every=10_000, threads=0,
+                   param='euler_fm', eps=0.0, k=12, a=2.0, b=4.0, second_time='t-s', min_gap=1e-4,
+                   optimizer='adamw', precision='fp16', cond=True),
 }
+# Method, optimizer and precision settings of images and vectors alike (the paper's CIFAR-10 ones); a kind's
+# DEFAULTS entry replaces them (latents do).
+METHOD_DEFAULTS = dict(param='simple_edm', eps=0.006, k=15, a=1.0, b=5.0, second_time='s', min_gap=0.0,
+                       optimizer='radam', precision='tf32', cond=False)
+OPTIMIZERS = {'radam': torch.optim.RAdam, 'adamw': torch.optim.AdamW}   # both: betas (0.9, 0.999), eps 1e-8, no decay
 # Dense peak TFLOP/s of one GPU per --precision, for MFU (H200: the H100 SXM chip with more memory).
 PEAK_TFLOPS = {'H100': dict(bf16=989, fp16=989, tf32=495, fp32=67),
                'H200': dict(bf16=989, fp16=989, tf32=495, fp32=67)}
-SAMPLES_SHOWN = {'image': 64, 'vector': 10_000}   # images in a grid / points in a scatter picture
+SAMPLES_SHOWN = {'image': 64, 'vector': 10_000, 'latent': 64}   # images in a grid / points in a scatter picture
 BENCH_WARMUP = 3                                  # untimed steps before --bench timing (compile, autotuning)
 
 
@@ -71,39 +85,46 @@ def parse_args(argv=None):
     add = p.add_argument
     # data
     add('--dataset', default='cifar10',
-        help='cifar10, a folder of images, a .npy/.npz file, or a toy: checkerboard, moons, spirals, gaussians8')
+        help='cifar10, a folder of images, a .npy/.npz file (images, vectors, or latents from vae.py), or a toy: '
+             'checkerboard, moons, spirals, gaussians8')
     add('--data-dir', default='data', help='where cifar10 is kept (downloaded there if missing)')
     add('--resolution', type=int, help='crop and resize images to this side (default: their own size)')
     add('--xflip', action=argparse.BooleanOptionalAction, default=True,
-        help='random horizontal flips of images (with --augment > 0, its labelled x-flip takes their place)')
+        help='random horizontal flips of images, not of latents or vectors (with --augment > 0, its labelled '
+             'x-flip takes their place)')
     add('--augment', type=float,
         help="probability p of EDM's non-leaking augmentation (paper Table 5 lists it for CIFAR-10 and states no p; "
              "default: EDM's CIFAR-10 value 0.12 for cifar10, 0 elsewhere)")
-    add('--cond', action='store_true', help='class-conditional training on the dataset labels')
+    add('--cond', action=argparse.BooleanOptionalAction,
+        help='class-conditional training on the dataset labels (default: on for labelled latents, else off)')
     add('--label-dropout', type=float, default=0.1,
         help='with --cond, probability of replacing a label by the null class (for guidance)')
     add('--workers', type=int, default=min(8, os.cpu_count() or 1), help='processes that decode an image folder')
     # network
     add('--model', choices=sorted(PRESETS),
-        help='network preset from model.PRESETS (default: ddpmpp for images, mlp for vectors)')
+        help='network preset from model.PRESETS (default: ddpmpp for images, mlp for vectors, dit-xl2 for latents)')
     add('--channels', type=int,
-        help="width: U-Net model_channels, MLP hidden (default: the preset's for images, 64 for vectors)")
+        help="width: U-Net model_channels, DiT hidden_size, MLP hidden (default: the preset's; 64 for vectors)")
     add('--dropout', type=float, help="override the preset's dropout (ddpmpp: 0.2, the paper's)")
     # method (imm.IMMConfig; spec sections 2-5)
     add('--loss', choices=['imm', 'fm'], default='imm',
         help='imm: moment matching (Eq. 12); fm: the flow-matching baseline with the same net')
     add('--particles', type=int, default=4, help='M, samples per group sharing (s, r, t); 1 = consistency training')
     add('--schedule', choices=['fm', 'cosine'], default='fm', help='noise schedule alpha_t, sigma_t (spec 2)')
-    add('--param', choices=['simple_edm', 'euler_fm', 'identity'], default='simple_edm',
-        help='parameterization c_skip, c_out of f_{s,t} (spec 4)')
-    add('--k', type=int, default=15, help='r(s,t) steps eta by (eta_max - eta_min) / 2^k (paper: 15 on CIFAR-10)')
-    add('--a', type=float, default=1.0, help='time weighting exponent on alpha_t (Eq. 13)')
-    add('--b', type=float, default=5.0, help='time weighting sigmoid shift (Eq. 13)')
-    add('--eps', type=float, default=0.006,
-        help='smallest time, where sampling ends; 0 is allowed except with --param identity')
+    add('--param', choices=['simple_edm', 'euler_fm', 'identity'],
+        help='parameterization c_skip, c_out of f_{s,t} (spec 4; default: simple_edm, euler_fm for latents)')
+    add('--k', type=int,
+        help='r(s,t) steps eta by (eta_max - eta_min) / 2^k (default: 15, the paper\'s CIFAR-10; 12 for latents)')
+    add('--a', type=float, help='time weighting exponent on alpha_t (Eq. 13; default: 1, 2 for latents)')
+    add('--b', type=float, help='time weighting sigmoid shift (Eq. 13; default: 5, 4 for latents)')
+    add('--eps', type=float,
+        help='smallest time, where sampling ends; 0 is allowed except with --param identity '
+             '(default: 0.006, 0 for latents)')
     add('--T', type=float, help='largest time, where sampling starts (default: 0.994 for fm, 0.996 for cosine)')
-    add('--second-time', choices=['s', 't-s'], default='s', help='second network condition: 1000 s or 1000 (t - s)')
-    add('--min-gap', type=float, default=0.0, help='keep r <= t - min_gap (App. I.6: 1e-4 with fp16); 0 = off')
+    add('--second-time', choices=['s', 't-s'],
+        help='second network condition: 1000 s or 1000 (t - s) (default: s, t-s for latents)')
+    add('--min-gap', type=float,
+        help='keep r <= t - min_gap (App. I.6: 1e-4 with fp16); 0 = off (default: 0, 1e-4 for latents)')
     add('--target-fp32', action=argparse.BooleanOptionalAction, default=True,
         help='run the stop-gradient target pass in fp32 under bf16/fp16')
     # optimisation
@@ -112,14 +133,18 @@ def parse_args(argv=None):
         help='global batch, split across ranks and micro-batches (default: 4096 for images, 512 for vectors)')
     add('--micro-batch', default='auto',
         help='rows per forward/backward on each rank, a multiple of M; auto: the per-rank batch, halved until it fits')
-    add('--lr', type=float, help='RAdam learning rate (default: 1e-4 for images, 2e-3 for vectors)')
+    add('--optimizer', choices=sorted(OPTIMIZERS),
+        help='RAdam (the paper\'s CIFAR-10) or AdamW (its ImageNet), betas (0.9, 0.999), no weight decay '
+             '(default: radam, adamw for latents)')
+    add('--lr', type=float, help='learning rate (default: 1e-4 for images and latents, 2e-3 for vectors)')
     add('--ema', type=float, help='EMA decay per step (default: 0.9999 for images, 0.999 for vectors)')
     add('--grad-clip', type=float, default=0.0, help='clip the gradient norm to this value; 0 = off')
     add('--seed', type=int, default=0, help='seeds the weights and every random draw of training')
     # system
     add('--device', help='cpu or cuda (default: cuda when available); torchrun ranks use cuda:LOCAL_RANK')
-    add('--precision', choices=['fp32', 'tf32', 'bf16', 'fp16'], default='tf32',
-        help='fp32; TF32 matmuls (paper); bf16 or fp16 autocast (fp16 with a grad scaler)')
+    add('--precision', choices=['fp32', 'tf32', 'bf16', 'fp16'],
+        help='fp32; TF32 matmuls (paper); bf16 or fp16 autocast (fp16 with a grad scaler) '
+             '(default: tf32, fp16 for latents as App. I.6)')
     add('--threads', type=int,
         help="CPU threads for torch; 0 = torch's default (default: 1 for vectors, where more only add overhead)")
     add('--compile', action='store_true', help='torch.compile the network (eager, with a warning, if it fails)')
@@ -253,7 +278,9 @@ def resolve_settings(args, data, world, init_config=None):
     init_config: the net config of --init-from's network, which then replaces --model and --channels.
     --bench is a configuration: no output folder, nothing logged or saved, warm-up plus timed steps."""
     args = argparse.Namespace(**vars(args))
-    for key, value in DEFAULTS[data.kind].items():        # fill in what the user left to the data kind
+    if args.cond is None and data.num_classes == 0:       # conditional by default only where there are labels
+        args.cond = False
+    for key, value in {**METHOD_DEFAULTS, **DEFAULTS[data.kind]}.items():   # fill in what the user left to the kind
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.augment is None:                               # EDM's CIFAR-10 value, where the network can take it
@@ -283,7 +310,7 @@ def resolve_settings(args, data, world, init_config=None):
             ('grad_clip', args.grad_clip >= 0, 'a number >= 0 (0 = off)'),
             ('label_dropout', 0 <= args.label_dropout <= 1, 'a probability in [0, 1]'),
             ('augment', 0 <= args.augment <= 1 and (args.augment == 0 or data.kind == 'image'),
-             'a probability in [0, 1] for images, 0 for vectors'),
+             'a probability in [0, 1] for images, 0 for vectors and latents'),
             ('threads', args.threads >= 0, "an integer >= 0 (0 = torch's default)")]:
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: accepted {accepted}")
@@ -298,7 +325,8 @@ def resolve_settings(args, data, world, init_config=None):
             raise UsageError(f"--micro-batch {args.micro_batch}: accepted 'auto' or a multiple of M={M} that divides "
                              f"the per-rank batch {per_rank} (--batch {args.batch} over {world} ranks)")
     if args.fid_every and data.kind != 'image':
-        raise UsageError(f"--fid-every {args.fid_every}: FID needs images, {args.dataset!r} holds vectors")
+        hint = '; score latents once sample.py has decoded them (fid.py calc)' if data.kind == 'latent' else ''
+        raise UsageError(f"--fid-every {args.fid_every}: FID needs images, {args.dataset!r} holds {data.kind}s{hint}")
     if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
         raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
                          f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
@@ -319,19 +347,23 @@ def network_config(args, data, init_config=None):
     shape = list(data.x.shape[1:])
     if init_config is not None:
         return init_network_config(args, data, init_config)
+    if args.model not in PRESETS:                          # the latents' default, dit-xl2, names a preset of model.py
+        raise UsageError(f"--model {args.model}: not a preset of model.PRESETS; accepted: {', '.join(PRESETS)}")
     net_config = dict(PRESETS[args.model], num_classes=data.num_classes if args.cond else 0)
-    if net_config['arch'] == 'unet':
-        net_config['augment_dim'] = AUGMENT_DIM if args.augment else 0
-        if data.kind != 'image':
-            raise UsageError(f"--model {args.model} is a U-Net for images, but {args.dataset!r} holds vectors "
+    if net_config['arch'] in ('unet', 'dit'):             # image-shaped data: pixels or latents
+        if net_config['arch'] == 'unet':
+            net_config['augment_dim'] = AUGMENT_DIM if args.augment else 0
+        if data.kind == 'vector':
+            name = {'unet': 'U-Net', 'dit': 'DiT'}[net_config['arch']]
+            raise UsageError(f"--model {args.model} is a {name} for images, but {args.dataset!r} holds vectors "
                              f"{shape}; use --model mlp")
         net_config.update(img_resolution=shape[1], in_channels=shape[0])
         if args.channels:
-            net_config['model_channels'] = args.channels
+            net_config['model_channels' if net_config['arch'] == 'unet' else 'hidden_size'] = args.channels
     else:
         if data.kind != 'vector':
-            raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds images "
-                             f"{shape}; use a U-Net preset: {', '.join(k for k in PRESETS if k != args.model)}")
+            raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds {data.kind}s "
+                             f"{shape}; use a U-Net or DiT preset: {', '.join(k for k in PRESETS if k != args.model)}")
         net_config['dim'] = shape[0]
         if args.channels:
             net_config['hidden'] = args.channels
@@ -345,7 +377,7 @@ def init_network_config(args, data, config):
     checked against the data and the flags."""
     config = dict(config, **({} if args.dropout is None else {'dropout': args.dropout}))
     takes = [config['in_channels'], config['img_resolution'], config['img_resolution']] \
-        if config['arch'] == 'unet' else [config['dim']]
+        if config['arch'] in ('unet', 'dit') else [config['dim']]
     pairs = {'data shape': (takes, list(data.x.shape[1:])),
              'classes (--cond)': (config['num_classes'], data.num_classes if args.cond else 0),
              'augment_dim (--augment)': (config.get('augment_dim', 0), AUGMENT_DIM if args.augment else 0)}
@@ -365,7 +397,7 @@ def set_precision(precision, device):
 
 
 def build(args, cfg, net_config, scaler, device, kind, init=None):
-    """(net, EMA, RAdam, first step, best FID so far): fresh from --seed (or --init-from's weights, init), or the
+    """(net, EMA, optimizer, first step, best FID so far): fresh from --seed (or --init-from's weights, init), or the
     state of --resume's checkpoint. A checkpoint of another config, or a run already in --out without --resume,
     is refused before any write."""
     ckpt_path = args.out and os.path.join(args.out, 'ckpt.pt')
@@ -376,7 +408,7 @@ def build(args, cfg, net_config, scaler, device, kind, init=None):
     ckpt = None
     if args.resume is not None:
         ckpt = checkpoint.read(args.resume or ckpt_path)
-        checkpoint.check_resumable(ckpt, args.resume or ckpt_path, net.config, cfg, args.loss)
+        checkpoint.check_resumable(ckpt, args.resume or ckpt_path, net.config, cfg, args.loss, args.optimizer)
     elif ckpt_path and os.path.exists(ckpt_path):
         raise UsageError(f"{args.out!r} already holds a run ({ckpt_path}); continue it with --resume, "
                          f"or start a new one with another --out")
@@ -384,9 +416,10 @@ def build(args, cfg, net_config, scaler, device, kind, init=None):
     if device.type == 'cuda' and kind == 'image':
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    fused = {'fused': True} if 'fused' in inspect.signature(torch.optim.RAdam).parameters and device.type == 'cuda' \
+    optimizer = OPTIMIZERS[args.optimizer]
+    fused = {'fused': True} if 'fused' in inspect.signature(optimizer).parameters and device.type == 'cuda' \
         else {'foreach': device.type == 'cuda'}            # one kernel per op for all tensors
-    opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0, **fused)
+    opt = optimizer(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0, **fused)
     if ckpt is None:
         return net, ema, opt, 0, None
     net.load_state_dict(ckpt['net'])
@@ -502,6 +535,8 @@ def draw_batch(step, data, args, cfg, rank=0, world=1):
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if device.type == 'cuda':
             x = x.contiguous(memory_format=torch.channels_last)
+    elif data.kind == 'latent':                            # float16 in memory; no flips (the paper's ImageNet run)
+        x = x.float()
     noise = cfg.sigma_d * torch.randn(args.batch, *x.shape[1:], generator=gen, device=device)[mine]
     labels = None
     if args.cond:
@@ -612,10 +647,15 @@ def write_log(run, entry):
 def save_pictures(run, done):
     """1- and 2-step samples of the EMA from the fixed noise: an image grid, or a 2-D density picture."""
     for steps in (1, 2):
-        x0 = decode(sample(run.ema, run.pictures.noise, sampling_times(steps, run.cfg), run.cfg, run.pictures.labels,
-                           denoiser=run.args.loss == 'fm'), run.data)
+        x0 = sample(run.ema, run.pictures.noise, sampling_times(steps, run.cfg), run.cfg, run.pictures.labels,
+                    denoiser=run.args.loss == 'fm')
         path = os.path.join(run.args.out, 'samples', f'{done:07d}-{steps}step.png')
-        save_image_grid(x0, path) if run.data.kind == 'image' else save_scatter(x0, path, run.pictures.extent)
+        if run.data.kind == 'latent':  # no VAE while training: latent channels 0-2 (or 0), +-2 std, as RGB (grey)
+            save_image_grid(decode(x0[:, :3] if x0.shape[1] >= 3 else x0[:, :1], SimpleNamespace(kind='image')), path)
+        elif run.data.kind == 'image':
+            save_image_grid(decode(x0, run.data), path)
+        else:
+            save_scatter(decode(x0, run.data), path, run.pictures.extent)
 
 
 def evaluate_fid(run, done):

@@ -358,3 +358,23 @@ def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(monkeypatch, caps
     with pytest.raises(SystemExit) as e:
         fid.main(['bench'])
     assert e.value.code == 2 and capsys.readouterr().err.startswith('error: --ref missing.npz: no such file')
+
+
+def test_calc_accepts_adms_reference_batch_layout(tmp_path, monkeypatch, capsys):
+    """ADM's VIRTUAL_imagenet256_labeled.npz holds images (arr_0) and the statistics mu, sigma (and the spatial
+    mu_s, sigma_s): calc reads mu and sigma from it, as ADM's evaluator does, and ignores the rest."""
+    class Features(torch.nn.Module):                       # stands in for Inception: 4-d features of the images
+        def forward(self, images):
+            return images.float().flatten(1)[:, :4]
+    monkeypatch.setattr(fid, 'InceptionFeatures', lambda weights: Features())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'samples.npz', images)
+    mu, sigma = fid.feature_stats(torch.from_numpy(images).permute(0, 3, 1, 2).float().flatten(1)[:, :4])
+    np.savez(tmp_path / 'VIRTUAL_imagenet256_labeled.npz', arr_0=images, mu=mu, sigma=sigma,
+             mu_s=np.ones(7), sigma_s=np.eye(7))
+    assert all(np.array_equal(a, b) for a, b in zip(fid.load_ref(tmp_path / 'VIRTUAL_imagenet256_labeled.npz'),
+                                                   (mu, sigma)))
+    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'VIRTUAL_imagenet256_labeled.npz'),
+              '--device', 'cpu'])
+    assert abs(float(capsys.readouterr().out.split()[1])) < 1e-6    # the same images: FID 0
