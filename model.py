@@ -375,7 +375,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size)
-        self.out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)  # output (p, q, channel), channel fastest
+        self.out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)  # per patch: (p, q, channel)
         self.init_as_dit()
 
     @torch.no_grad()
