@@ -442,8 +442,9 @@ def _authors_imm_config(precond, second_time=None, network='SongUNet'):
             warnings.warn(f"the authors' file stores temb_type={a['temb_type']!r}; using second_time={second_time!r} "
                           f"as asked")
         a['temb_type'] = {v: k for k, v in _SECOND_TIMES.items()}[second_time]
-    _refuse_unless('temb_type' in a, 'no stored', 'temb_type', "a stored temb_type, or second_time='s' or 't-s' "
-                   "given (imagenet256_ts_a2.pkl: 't-s', imagenet256_s_a1.pkl: 's')")
+    if 'temb_type' not in a:
+        raise UsageError("the authors' DiT file stores no temb_type (its second time condition); pass second_time="
+                         "'t-s' (imagenet256_ts_a2.pkl) or 's' (imagenet256_s_a1.pkl), as their README says")
     _refuse_unless(a['noise_schedule'] in _SCHEDULES, 'noise_schedule', a['noise_schedule'], ', '.join(_SCHEDULES))
     _refuse_unless(a['temb_type'] in _SECOND_TIMES, 'temb_type', a['temb_type'], ', '.join(_SECOND_TIMES))
     _refuse_unless(a['time_scale'] == 1000, 'time_scale', a['time_scale'], '1000 (c_noise = 1000 t, spec 4)')

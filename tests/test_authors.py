@@ -361,7 +361,8 @@ def timm(monkeypatch):
 def _linear(state, prefix):
     w = state[prefix + '.weight']
     layer = torch.nn.Linear(w.shape[1], w.shape[0])
-    layer.weight, layer.bias = (torch.nn.Parameter(state[f'{prefix}.{k}'], requires_grad=False) for k in ('weight', 'bias'))
+    layer.weight, layer.bias = (torch.nn.Parameter(state[f'{prefix}.{k}'], requires_grad=False)
+                                for k in ('weight', 'bias'))
     return layer
 
 
@@ -375,8 +376,8 @@ def authors_dit_precond(net, timm, class_name='DiT', approximate='tanh', **setti
 
     def embedder(name):
         mlp = torch.nn.Sequential(_linear(state, f'{name}.mlp.0'), torch.nn.SiLU(), _linear(state, f'{name}.mlp.2'))
-        return Persistent('TimestepEmbedder', module_dict(children={'mlp': mlp}, use_mlp=True, hidden_size=H,
-                                                          frequency_embedding_size=256, embedding_type='positional'), '')
+        attributes = dict(use_mlp=True, hidden_size=H, frequency_embedding_size=256, embedding_type='positional')
+        return Persistent('TimestepEmbedder', module_dict(children={'mlp': mlp}, **attributes), '')
 
     def block(i):
         b = f'blocks.{i}'
@@ -387,9 +388,9 @@ def authors_dit_precond(net, timm, class_name='DiT', approximate='tanh', **setti
         mlp = timm('Mlp', dict(fc1=_linear(state, f'{b}.mlp.fc1'), act=torch.nn.GELU(approximate=approximate),
                                drop1=torch.nn.Dropout(0.0), norm=torch.nn.Identity(),
                                fc2=_linear(state, f'{b}.mlp.fc2'), drop2=torch.nn.Dropout(0.0)))
-        return Persistent('DiTBlock', module_dict(children=dict(norm1=norm(), attn=attn, norm2=norm(), mlp=mlp,
-                                                                 adaLN_modulation=sequential(f'{b}.adaLN_modulation.1')),
-                                                   skip_linear=None), '')
+        children = dict(norm1=norm(), attn=attn, norm2=norm(), mlp=mlp,
+                        adaLN_modulation=sequential(f'{b}.adaLN_modulation.1'))
+        return Persistent('DiTBlock', module_dict(children=children, skip_linear=None), '')
 
     blocks = torch.nn.ModuleList()
     blocks.__dict__['_modules'] = collections.OrderedDict((str(i), block(i)) for i in range(c['depth']))
@@ -447,7 +448,7 @@ def test_both_second_time_conditions_of_their_imagenet_files_load(write, timm, t
 
 def test_without_a_stored_second_time_a_dit_file_needs_it_named(write, timm, tmp_path):
     path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, temb_type=None))
-    with pytest.raises(UsageError, match="no stored='temb_type'.*second_time='s' or 't-s'"):
+    with pytest.raises(UsageError, match="stores no temb_type.*pass second_time='t-s'"):
         checkpoint.load_authors_pickle(path)
     assert checkpoint.load_authors_pickle(path, second_time='s')[1].second_time == 's'
 
@@ -458,12 +459,25 @@ def test_a_second_time_given_overrides_the_stored_one_with_a_warning(write, timm
         assert checkpoint.load_authors_pickle(path, second_time='s')[1].second_time == 's'
 
 
+def test_label_table_rows_past_the_null_row_are_dropped(write, timm, tmp_path):
+    """Their LabelEmbedder adds a row when built with label dropout; their forward never reaches past the null row."""
+    net = random_dit()
+    precond = authors_dit_precond(net, timm)
+    label_embedder = precond.state['_modules']['model'].state['_modules']['y_embedder']
+    table = label_embedder.state['_modules']['embedding_table']
+    label_embedder.state['_modules']['embedding_table'] = torch.nn.Embedding.from_pretrained(
+        torch.cat([table.weight, torch.randn(1, table.weight.shape[1])]))
+    loaded, _, _ = checkpoint.load_authors_pickle(write(tmp_path / 'a.pkl', precond))
+    assert torch.equal(loaded.embed_label.weight, net.embed_label.weight)
+
+
 def test_the_dit_name_map_round_trips_on_the_xl2_preset():
     with torch.device('meta'):
         ours = model.build_net(model.PRESETS['dit-xl2']).state_dict()
     converted = checkpoint.convert_authors_dit_state(dit_state(ours))
     assert list(converted) == list(ours) and all(converted[k].shape == v.shape for k, v in ours.items())
-    assert 'blocks.27.attn.qkv.weight' in dit_state(ours) and len(ours) == 12 + 28 * 10 + 4  # stem and embeddings, blocks, final layer
+    assert 'blocks.27.attn.qkv.weight' in dit_state(ours)
+    assert len(ours) == 12 + 28 * 10 + 4                    # patches, positions and embeddings; blocks; final layer
 
 
 def test_a_dit_weight_ours_does_not_have_is_refused_by_name():
