@@ -511,6 +511,12 @@ def _authors_dit_config(dit, state, label_dim):
     to DiT themselves, so _init_kwargs lack them), the heads and settings from its attributes; what our DiT would
     compute differently is refused by name."""
     a, kwargs = dit.state, _plain(dit.state.get('_init_kwargs', {}))
+    missing = [k for k in ('pos_embed', 'x_embedder.proj.weight', 'y_embedder.embedding_table.weight',
+                           'blocks.0.mlp.fc1.weight') if k not in state]
+    _refuse_unless(not missing, 'no weights', missing, "their DiT's patch embedding, positions, label table and blocks")
+    attention = _child(dit, 'blocks.0.attn')
+    num_heads = a.get('num_heads') or (attention.state.get('num_heads') if attention is not None else None)
+    _refuse_unless(isinstance(num_heads, int), 'num_heads', num_heads, 'a stored number of attention heads')
     _refuse_unless(a.get('s_embed') is True and _child(dit, 's_embedder') is not None, 's_embed', a.get('s_embed'),
                    "True (IMM's second time embedding)")
     _refuse_unless(not a.get('skip'), 'skip', a.get('skip'), 'False')
@@ -531,7 +537,7 @@ def _authors_dit_config(dit, state, label_dim):
     _refuse_unless(rows > label_dim, 'a label table of rows', rows, f'> label_dim ({label_dim}), the null row')
     (_, patches, hidden), (_, channels, patch, _) = state['pos_embed'].shape, state['x_embedder.proj.weight'].shape
     return dict(arch='dit', img_resolution=round(patches ** 0.5) * patch, in_channels=channels, patch_size=patch,
-                hidden_size=hidden, depth=depth, num_heads=a.get('num_heads'),
+                hidden_size=hidden, depth=depth, num_heads=num_heads,
                 mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / hidden, num_classes=label_dim,
                 dropout=float(kwargs.get('dropout', 0.0)))
 
