@@ -39,7 +39,7 @@ import torch
 
 from data import SIGMA_D, UsageError, write_atomically
 from imm import IMMConfig
-from model import UNet, build_net
+from model import build_net
 
 KEYS = ['net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng']
 SAMPLING_KEYS = ['net', 'ema', 'net_config', 'imm_config', 'data', 'args']  # what sample.py needs of them
@@ -189,14 +189,17 @@ def trim_log(path, step):
         write_atomically(path, write)
 
 
-# ---- The authors' released pickles (lumalabs/imm: cifar10.pt) -------------------------------------------------
+# ---- The authors' released pickles (lumalabs/imm: cifar10.pt, imagenet256_ts_a2.pkl, imagenet256_s_a1.pkl) -----
 # Their file is pickle.dump(dict(ema=net)): net is an IMMPrecond (the f_{s,t} of spec 4) holding a SongUNet (EDM's
-# DDPM++ with a second time embedding). Each of their modules is saved by EDM's torch_utils/persistence.py as a
-# record {type: 'class', version, module_src, class_name, state}, state being the module's __dict__ (parameters,
-# buffers, submodules, attributes, and the constructor's keyword arguments as _init_kwargs). A plain pickle.load
+# DDPM++ with a second time embedding) for CIFAR-10, or a DiT (DiT_XL_2 for ImageNet, made of timm's PatchEmbed,
+# Attention and Mlp and plain torch layers) with a second time embedding. Each of their own modules is saved by
+# EDM's torch_utils/persistence.py as a record {type: 'class', version, module_src, class_name, state}, state being
+# the module's __dict__ (parameters, buffers, submodules, attributes, and the constructor's keyword arguments as
+# _init_kwargs); torch's and timm's modules are pickled plainly (class name, then __dict__). A plain pickle.load
 # would exec module_src. Here a restricted unpickler turns each record into data (_Record) and accepts nothing
 # but plain containers, numbers, tensors rebuilt by torch's own functions, and those records; the network is then
-# built from our code (model.UNet, imm.IMMConfig) and given the renamed weights.
+# built from our code (model.UNet or model.DiT, imm.IMMConfig) and given the renamed weights. Other entries of the
+# dict (an EDM2-style snapshot may hold the latent encoder's settings) are read as data too.
 
 AUTHORS_CIFAR10_URL = 'https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt'
 
@@ -211,16 +214,25 @@ class _Record:
         self.state = state
 
 
+def _is_module(record):
+    return isinstance(record, _Record) and isinstance(record.state, dict) and \
+        isinstance(record.state.get('_parameters'), dict) and isinstance(record.state.get('_modules'), dict)
+
+
+def _not_a_module(record):
+    state = record.state
+    return UsageError(f'the file holds a persistent record that is not a saved module (class {record.class_name!r}, '
+                      f'state keys {sorted(state) if isinstance(state, dict) else state!r}); refused')
+
+
 def _persistent_record(meta):
-    """Stands in for persistence._reconstruct_persistent_obj: keeps the record's state, never looks at its source."""
+    """Stands in for persistence._reconstruct_persistent_obj: keeps the record's state, never looks at its source.
+    A record that is not a module (their latent encoder) is kept as data; only our loader's reads of it decide."""
     meta = meta if isinstance(meta, dict) else {}
-    state, name = meta.get('state'), meta.get('class_name')
-    if not (meta.get('type') == 'class' and isinstance(name, str) and isinstance(state, dict)
-            and isinstance(state.get('_parameters'), dict) and isinstance(state.get('_modules'), dict)):
-        raise UsageError(f'the file holds a persistent record that is not a saved module '
-                         f'(class {name!r}, state keys {sorted(state) if isinstance(state, dict) else state!r}); '
-                         f'refused')
-    return _Record(name, state)
+    record = _Record(meta.get('class_name'), meta.get('state'))
+    if not (meta.get('type') == 'class' and isinstance(record.class_name, str) and isinstance(record.state, dict)):
+        raise _not_a_module(record)
+    return record
 
 
 def _torch_container(class_name):  # pickle makes it with cls.__new__ (NEWOBJ), then BUILD gives its __dict__
@@ -243,6 +255,8 @@ def _plain(value):
     if isinstance(value, _OmegaConf):
         state = value.state if isinstance(value.state, dict) else {}
         value = state['_val'] if '_val' in state else state.get('_content')
+    if isinstance(value, _NumpyArray):
+        return value.value
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
@@ -252,6 +266,23 @@ def _storage_from_bytes(b):  # torch.storage._load_from_bytes, with torch's own 
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UserWarning)  # TypedStorage is deprecated
         return torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
+
+
+class _NumpyArray:
+    """A numpy array of numbers (their encoder's scale and bias), rebuilt from its raw bytes: numpy's
+    _reconstruct makes an empty one, BUILD gives (version, shape, dtype, is_fortran, bytes)."""
+
+    def __setstate__(self, state):
+        _, shape, dtype, fortran, data = state
+        if not (isinstance(dtype, np.dtype) and dtype.kind in 'biuf' and isinstance(data, bytes) and not fortran):
+            raise UsageError(f'the file holds a numpy array of dtype {dtype!r}; only numbers are accepted')
+        self.value = np.frombuffer(data, dtype).reshape(shape).tolist()
+
+
+def _numpy_reconstruct(cls, shape, typecode):
+    if cls is not _NumpyArray:
+        raise UsageError(f'the file rebuilds a numpy object of {cls!r}; refused')
+    return _NumpyArray()
 
 
 def _numpy_scalar(dtype, data):  # numpy scalars (their skip_scale = np.sqrt(0.5)): numbers only
@@ -271,7 +302,18 @@ _AUTHORS_GLOBALS = {
     ('dnnlib.util', 'EasyDict'): dict,
     ('numpy', 'dtype'): np.dtype,
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar, ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
-    **{('torch.nn.modules.container', name): _torch_container(name) for name in ('ModuleDict', 'ModuleList')},
+    ('numpy.core.multiarray', '_reconstruct'): _numpy_reconstruct, ('numpy', 'ndarray'): _NumpyArray,
+    ('numpy._core.multiarray', '_reconstruct'): _numpy_reconstruct,
+    # Plain torch layers and timm's (their DiT), each read as its __dict__; timm's PatchEmbed holds an enum member.
+    **{(f'torch.nn.modules.{module}', name): _torch_container(name) for module, name in [
+        ('container', 'ModuleDict'), ('container', 'ModuleList'), ('container', 'Sequential'), ('linear', 'Linear'),
+        ('linear', 'Identity'), ('conv', 'Conv2d'), ('normalization', 'LayerNorm'), ('activation', 'SiLU'),
+        ('activation', 'GELU'), ('sparse', 'Embedding'), ('dropout', 'Dropout')]},
+    **{(module, name): _torch_container(name) for module, name in [  # where timm versions keep them
+        ('timm.layers.patch_embed', 'PatchEmbed'), ('timm.models.layers.patch_embed', 'PatchEmbed'),
+        ('timm.models.vision_transformer', 'Attention'), ('timm.layers.attention', 'Attention'),
+        ('timm.layers.mlp', 'Mlp'), ('timm.models.layers.mlp', 'Mlp')]},
+    ('timm.layers.format', 'Format'): str,
     # omegaconf objects in _init_kwargs (a list setting passed on from a hydra config stays a ListConfig), with the
     # plain types and the typing.Any their metadata names.
     **{(module, name): _OmegaConf for module, name in [
@@ -298,7 +340,7 @@ class _AuthorsUnpickler(pickle.Unpickler):
 
 def _module_state(record, prefix=''):
     """The state dict (their names) of a record tree: parameters, persistent buffers, then submodules."""
-    if not isinstance(record, _Record) or not isinstance(record.state, dict):
+    if not _is_module(record):
         raise UsageError(f'{prefix or "the network"} is a {type(record).__name__}, not a saved module; refused')
     state, out = record.state, {}
     parts = [state.get(k, {}) for k in ('_parameters', '_buffers', '_modules')]
@@ -388,12 +430,26 @@ def _refuse_unless(ok, what, value, accepted):
         raise UsageError(f"the authors' network has {what}={value!r}, which we cannot represent; accepted: {accepted}")
 
 
-def _authors_imm_config(precond):
-    """IMMConfig from the attributes their IMMPrecond.forward uses (noise_schedule, f_type, temb_type, ...)."""
-    defaults = dict(noise_schedule='fm', sigma_data=0.5, f_type='euler_fm', T=0.994, eps=0.0, temb_type='identity',
+def _authors_imm_config(precond, second_time=None, network='SongUNet'):
+    """IMMConfig from the attributes their IMMPrecond.forward uses (noise_schedule, f_type, temb_type, ...).
+    second_time ('s' | 't-s') overrides the file's temb_type; a DiT file without a stored temb_type needs it (their
+    ImageNet config sets temb_type, and their sampler takes it from the config, not from the file)."""
+    defaults = dict(noise_schedule='fm', sigma_data=0.5, f_type='euler_fm', T=0.994, eps=0.0,
                     time_scale=1000.0)  # their IMMPrecond's
     attributes = {k: _plain(v) for k, v in precond.state.items() if not k.startswith('_')}
     a = {**defaults, **_plain(precond.state.get('_init_kwargs', {})), **attributes}
+    if 'temb_type' not in a and network == 'SongUNet':
+        a['temb_type'] = 'identity'                           # their default, and the CIFAR-10 config's
+    if second_time is not None:
+        if second_time not in _SECOND_TIMES.values():
+            raise UsageError(f"second_time={second_time!r} is not valid; accepted: 's', 't-s'")
+        if 'temb_type' in a and _SECOND_TIMES.get(a['temb_type']) != second_time:
+            warnings.warn(f"the authors' file stores temb_type={a['temb_type']!r}; using second_time={second_time!r} "
+                          f"as asked")
+        a['temb_type'] = {v: k for k, v in _SECOND_TIMES.items()}[second_time]
+    if 'temb_type' not in a:
+        raise UsageError("the authors' DiT file stores no temb_type (its second time condition); pass second_time="
+                         "'t-s' (imagenet256_ts_a2.pkl) or 's' (imagenet256_s_a1.pkl), as their README says")
     _refuse_unless(a['noise_schedule'] in _SCHEDULES, 'noise_schedule', a['noise_schedule'], ', '.join(_SCHEDULES))
     _refuse_unless(a['temb_type'] in _SECOND_TIMES, 'temb_type', a['temb_type'], ', '.join(_SECOND_TIMES))
     _refuse_unless(a['time_scale'] == 1000, 'time_scale', a['time_scale'], '1000 (c_noise = 1000 t, spec 4)')
@@ -419,14 +475,96 @@ def _authors_net_config(unet):
                 num_classes=k['label_dim'], augment_dim=k['augment_dim'])
 
 
-def load_authors_pickle(path):
-    """(net, cfg, info) from the authors' released pickle (e.g. cifar10.pt, AUTHORS_CIFAR10_URL), read as data:
-    our model.UNet with their EMA weights, the imm.IMMConfig their sampler uses, and info on what was read."""
-    try:
-        with open(path, 'rb') as f:
-            data = _AuthorsUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
-        raise UsageError(f'{path}: not a pickle of the authors\' release ({type(e).__name__}: {e})') from None
+# Their DiT (training/dit.py) -> model.DiT. Each (their name, ours) is a regular expression on the whole key.
+_AUTHORS_DIT_NAMES = [
+    (r'x_embedder\.proj\.(weight|bias)', r'patch_embed.\1'),
+    (r'pos_embed', r'pos_embed'),
+    (r'([ts])_embedder\.mlp\.([02])\.(weight|bias)', r'embed_\1.mlp.\2.\3'),
+    (r'y_embedder\.embedding_table\.weight', r'embed_label.weight'),
+    (r'blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)', r'blocks.\1.\2.\3'),
+    (r'blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)', r'blocks.\1.\2.\3'),
+    (r'blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)', r'blocks.\1.modulation.\2'),
+    (r'final_layer\.linear\.(weight|bias)', r'out.\1'),
+    (r'final_layer\.adaLN_modulation\.1\.(weight|bias)', r'out_modulation.\1'),
+]
+
+
+def convert_authors_dit_state(state):
+    """Their DiT state dict -> ours (model.DiT): x_embedder.proj -> patch_embed, t/s_embedder -> embed_t/embed_s,
+    y_embedder.embedding_table -> embed_label, blocks.i.attn.qkv/proj and mlp.fc1/fc2 -> blocks.i.qkv/proj/fc1/fc2,
+    adaLN_modulation.1 -> modulation (final_layer's -> out_modulation), final_layer.linear -> out. A weight our DiT
+    does not have (qk-norm, a Fourier embedding's freqs, skip connections) is refused by name."""
+    converted = {}
+    for key, value in state.items():
+        match = next(((m, ours) for theirs, ours in _AUTHORS_DIT_NAMES if (m := re.fullmatch(theirs, key))), None)
+        if match is None:
+            raise UsageError(f"the authors' DiT has a weight {key!r} that our DiT does not have (only the DiT of "
+                             f"their ImageNet release is supported: no qk-norm, skip connections or Fourier embedding)")
+        converted[match[0].expand(match[1])] = value
+    return converted
+
+
+def _child(record, path):
+    """The record at a dotted module path (their names), or None."""
+    for name in path.split('.'):
+        record = record.state['_modules'].get(name) if _is_module(record) else None
+    return record
+
+
+def _authors_dit_config(dit, state, label_dim):
+    """Our model.DiT config from their DiT: the sizes from the weights' shapes (their DiT_XL_2 etc. pass the sizes
+    to DiT themselves, so _init_kwargs lack them), the heads and settings from its attributes; what our DiT would
+    compute differently is refused by name."""
+    a, kwargs = dit.state, _plain(dit.state.get('_init_kwargs', {}))
+    missing = [k for k in ('pos_embed', 'x_embedder.proj.weight', 'y_embedder.embedding_table.weight',
+                           'blocks.0.mlp.fc1.weight') if k not in state]
+    _refuse_unless(not missing, 'no weights', missing, "their DiT's patch embedding, positions, label table and blocks")
+    attention = _child(dit, 'blocks.0.attn')
+    num_heads = a.get('num_heads') or (attention.state.get('num_heads') if attention is not None else None)
+    _refuse_unless(isinstance(num_heads, int), 'num_heads', num_heads, 'a stored number of attention heads')
+    _refuse_unless(a.get('s_embed') is True and _child(dit, 's_embedder') is not None, 's_embed', a.get('s_embed'),
+                   "True (IMM's second time embedding)")
+    _refuse_unless(not a.get('skip'), 'skip', a.get('skip'), 'False')
+    for name in ('t_embedder', 's_embedder'):
+        embedder = _child(dit, name).state
+        _refuse_unless(embedder.get('embedding_type') == 'positional' and embedder.get('use_mlp') is True,
+                       f'{name} (embedding_type, use_mlp)', (embedder.get('embedding_type'), embedder.get('use_mlp')),
+                       "('positional', True)")
+        _refuse_unless(state[f'{name}.mlp.0.weight'].shape[1] == 256, f'{name}.frequency_embedding_size',
+                       state[f'{name}.mlp.0.weight'].shape[1], '256')
+    depth = sum(1 for k in state if re.fullmatch(r'blocks\.\d+\.attn\.qkv\.weight', k))
+    for i in range(depth):
+        gelu = _child(dit, f'blocks.{i}.mlp.act')
+        _refuse_unless(gelu is not None and gelu.state.get('approximate') == 'tanh', f'blocks.{i}.mlp.act',
+                       gelu and (gelu.class_name, gelu.state.get('approximate')), "GELU(approximate='tanh')")
+    _refuse_unless(label_dim > 0, 'label_dim', label_dim, 'a number of classes > 0 (their DiT needs labels)')
+    rows = state['y_embedder.embedding_table.weight'].shape[0]
+    _refuse_unless(rows > label_dim, 'a label table of rows', rows, f'> label_dim ({label_dim}), the null row')
+    (_, patches, hidden), (_, channels, patch, _) = state['pos_embed'].shape, state['x_embedder.proj.weight'].shape
+    return dict(arch='dit', img_resolution=round(patches ** 0.5) * patch, in_channels=channels, patch_size=patch,
+                hidden_size=hidden, depth=depth, num_heads=num_heads,
+                mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / hidden, num_classes=label_dim,
+                dropout=float(kwargs.get('dropout', 0.0)))
+
+
+def _authors_encoder(data):
+    """What the file says of the latent encoder (EDM2-style snapshots keep it next to 'ema'), or None."""
+    encoder = data.get('encoder')
+    if not isinstance(encoder, _Record) or not isinstance(encoder.state, dict):
+        return None
+    state = {k: _plain(v) for k, v in encoder.state.items() if not k.startswith('_')}
+    return dict(class_name=encoder.class_name, **{k: str(v) if isinstance(v, torch.dtype) else v
+                                                   for k, v in state.items()})
+
+
+AUTHORS_IMAGENET_ENCODER_NOTE = (
+    "the file stores no latent encoder: supply it as their configs/im256_generate_images.yaml does, the SD VAE "
+    "stabilityai/sd-vae-ft-ema, latents normalised per channel by mean [0.86488, -0.27787343, 0.21616915, 0.3738409] "
+    "and std [4.85503674, 5.31922414, 3.93725398, 3.9870003], then times 0.5")
+
+
+def _authors_network(path, data):
+    """(their IMMPrecond record, the network record inside it), or a UsageError saying what the file holds."""
     precond = data.get('ema') if isinstance(data, dict) else None
     if not (isinstance(precond, _Record) and precond.class_name == 'IMMPrecond'):
         if isinstance(precond, _Record):
@@ -436,21 +574,50 @@ def load_authors_pickle(path):
         else:
             found = f'a {type(data).__name__}'
         raise UsageError(f"{path}: expected dict(ema=IMMPrecond) as the authors' release holds; found {found}")
-    unet = precond.state['_modules'].get('model')
-    found = unet.class_name if isinstance(unet, _Record) else type(unet).__name__
-    if found != 'SongUNet':
-        raise UsageError(f"{path}: the network is their {found}; only their SongUNet (DDPM++, CIFAR-10) is supported")
-    cfg, config = _authors_imm_config(precond), _authors_net_config(unet)
-    state = _module_state(unet)
-    dtypes = sorted({str(v.dtype) for v in state.values()})
-    net = UNet(**{k: v for k, v in config.items() if k != 'arch'})
+    if not _is_module(precond):
+        raise _not_a_module(precond)
+    network = precond.state['_modules'].get('model')
+    found = network.class_name if isinstance(network, _Record) else type(network).__name__
+    if not (found == 'SongUNet' or re.fullmatch(r'DiT(_(S|B|L|XL)_\d+)?', found)):
+        raise UsageError(f"{path}: the network is their {found}; only their SongUNet (DDPM++, CIFAR-10) and DiT "
+                         f"(ImageNet) are supported")
+    return precond, network
+
+
+def load_authors_pickle(path, second_time=None):
+    """(net, cfg, info) from the authors' released pickle (cifar10.pt, AUTHORS_CIFAR10_URL; imagenet256_ts_a2.pkl,
+    imagenet256_s_a1.pkl), read as data: our model.UNet or model.DiT with their EMA weights, the imm.IMMConfig their
+    sampler uses, and info on what was read (the latent encoder's settings where the file holds them). second_time
+    ('s' | 't-s') overrides the stored second time condition (their README: imagenet256_s_a1.pkl needs 's')."""
     try:
-        net.load_state_dict(convert_authors_state(state))  # strict: every name and shape must match
+        with open(path, 'rb') as f:
+            data = _AuthorsUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
+        raise UsageError(f'{path}: not a pickle of the authors\' release ({type(e).__name__}: {e})') from None
+    precond, network = _authors_network(path, data)
+    state = _module_state(network)
+    cfg = _authors_imm_config(precond, second_time, 'SongUNet' if network.class_name == 'SongUNet' else 'DiT')
+    if network.class_name == 'SongUNet':
+        config = _authors_net_config(network)
+        ours = convert_authors_state(state)
+    else:
+        config = _authors_dit_config(network, state, _plain(precond.state.get('label_dim', 0)))
+        ours = convert_authors_dit_state(state)
+        ours['embed_label.weight'] = ours['embed_label.weight'][:config['num_classes'] + 1]  # rows past null: unused
+    dtypes = sorted({str(v.dtype) for v in state.values()})
+    net = build_net(config)
+    try:
+        net.load_state_dict(ours)  # strict: every name and shape must match
     except RuntimeError as e:
         raise UsageError(f"{path}: the authors' weights do not fit the network their settings describe: {e}") from None
     net = net.double() if dtypes == ['torch.float64'] else net.float()
-    info = dict(path=str(path), network='IMMPrecond(SongUNet)', net_config=config, dtypes=dtypes,
+    encoder = _authors_encoder(data)
+    info = dict(path=str(path), network=f'IMMPrecond({network.class_name})', net_config=config, dtypes=dtypes,
                 precond_kwargs=_plain(precond.state.get('_init_kwargs', {})),
-                unet_kwargs=_plain(unet.state.get('_init_kwargs', {})),
-                mixed_precision=precond.state.get('mixed_precision'))
+                network_kwargs=_plain(network.state.get('_init_kwargs', {})),
+                stored_temb_type=_plain(precond.state.get('temb_type')),
+                mixed_precision=precond.state.get('mixed_precision'), file_keys=sorted(map(str, data)),
+                encoder=encoder, encoder_note=None if encoder or network.class_name == 'SongUNet'
+                else AUTHORS_IMAGENET_ENCODER_NOTE)
+    info['unet_kwargs'] = info['network_kwargs'] if network.class_name == 'SongUNet' else None
     return net.eval().requires_grad_(False), cfg, info

@@ -1,4 +1,5 @@
-"""Backbones for IMM: the DDPM++ U-Net of the paper's CIFAR-10 setting, and a residual MLP for 2-D data.
+"""Backbones for IMM: the DDPM++ U-Net of the paper's CIFAR-10 setting, the DiT of its ImageNet setting, and a
+residual MLP for 2-D data.
 
 Nothing here knows IMM (that is imm.py). Every network keeps one contract:
     net(x, c_noise_t, c_noise_s, labels=None, augment_labels=None) -> tensor shaped like x
@@ -18,9 +19,20 @@ biases, qkv x sqrt(0.2), and the last conv of each block, the attention projecti
 x 1e-5, so at initialisation f_{s,t}(x_t) is within ~1e-5 of c_skip(s,t) x_t, the DDIM jump of a zero prediction.
 The MLP keeps PyTorch's default initialisation with an exactly-zero output layer.
 
+`DiT` computes exactly the network of the authors' ImageNet release (lumalabs/imm training/dit.py: Peebles & Xie's
+DiT with `s_embed=True`, configs/im256_generate_images.yaml): for the same weights the same function, bit for bit
+in float32 and float64 on CPU. Checked by loading a network built from the authors' own code (random weights, the
+zero-initialised layers too) through checkpoint.load_authors_pickle and comparing outputs, f_{s,t} and 1-4 step
+samples with guidance (docs/walkthrough.md, section 9; tests/test_authors.py). Its conditioning is
+emb = MLP_t(DiT sinusoids of c_noise_t) + MLP_s(... of c_noise_s) + a learned row per class (row num_classes: the
+null class); each block and the final layer read shift/scale/gate from SiLU(emb) (adaLN-Zero). Initialisation is
+DiT's: the modulations and the output layer are zero, so the output is exactly zero at initialisation. DiT-XL/2
+(model.PRESETS['dit-xl2']) has 676.44M parameters, 118.6 G multiply-adds per forward on 32x32x4 latents.
+
     import model
     net = model.build_net(model.PRESETS['ddpmpp'])      # paper's CIFAR-10 net, 56.06M parameters
     net = model.build_net({**model.PRESETS['tiny'], 'num_classes': 10})
+    net = model.build_net(model.PRESETS['dit-xl2'])     # paper's ImageNet net (SD-VAE latents), 676.44M parameters
 """
 
 import math
@@ -38,12 +50,18 @@ PRESETS = {
                  num_blocks=1, attn_resolutions=[16], dropout=0.0, num_classes=0, augment_dim=0),
     # 2-D toys.
     'mlp': dict(arch='mlp', dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0),
+    # DiT sizes S/B/L/XL, patch 2 or 4, for ImageNet 256 as 32x32x4 SD-VAE latents (spec section 7; XL/2 is the
+    # paper's model). Sizes as in Peebles & Xie, Table 1: (hidden_size, depth, num_heads).
+    **{f'dit-{size}{patch}': dict(arch='dit', img_resolution=32, in_channels=4, patch_size=patch, hidden_size=hidden,
+                                  depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000, dropout=0.0)
+       for size, (hidden, depth, heads) in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16),
+                                            'xl': (1152, 28, 16)}.items() for patch in (2, 4)},
 }
 
 
 def build_net(config):
-    """The network described by config = {'arch': 'unet' | 'mlp', **constructor arguments} (net.config)."""
-    archs = {'unet': UNet, 'mlp': MLP}
+    """The network described by config = {'arch': 'unet' | 'mlp' | 'dit', **constructor arguments} (net.config)."""
+    archs = {'unet': UNet, 'mlp': MLP, 'dit': DiT}
     config = dict(config)
     arch = config.pop('arch', None)
     if arch not in archs:
@@ -266,3 +284,137 @@ class MLP(nn.Module):
         for b in self.blocks:
             h = h + b.fc2(b.drop(F.silu(b.fc1(b.norm(h) + b.emb(emb)))))
         return self.out(F.silu(self.out_norm(h)))
+
+
+# ---- DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), as the authors' ImageNet release --------
+
+def _sinusoids_cos_sin(c_noise, channels, max_period=10000):
+    """DiT's embedding of a noise condition: [cos, sin] at frequencies max_period^(-i / half), i < half (the U-Net's
+    differ: [sin, cos] and a last frequency of exactly 1/max_period). float64, as the authors compute it."""
+    half = channels // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=c_noise.device) / half)
+    angles = c_noise.double()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class DiTTimeEmbedding(nn.Module):
+    """A noise condition -> its 256 DiT sinusoids -> a 2-layer MLP (one per time condition, App. I.1)."""
+
+    def __init__(self, hidden_size, freq_channels=256):
+        super().__init__()
+        self.freq_channels = freq_channels
+        self.mlp = nn.Sequential(nn.Linear(freq_channels, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, c_noise):
+        return self.mlp(_sinusoids_cos_sin(c_noise, self.freq_channels).to(self.mlp[0].weight.dtype))
+
+
+def _modulate(h, shift, scale):
+    """adaLN: the (affine-free) LayerNorm's output scaled and shifted per sample by the conditioning."""
+    return h * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: the conditioning gives shift, scale and a gate for the attention and for the
+    MLP branch; the gates start at zero, so each block starts as the identity."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # output row (j, head, d) is (q, k, v)[j] of that head
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(hidden_size, int(hidden_size * mlp_ratio))
+        self.fc2 = nn.Linear(int(hidden_size * mlp_ratio), hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.modulation = nn.Linear(hidden_size, 6 * hidden_size)
+
+    def forward(self, h, emb):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(emb)).chunk(6, dim=1)
+        B, N, C = h.shape
+        q, k, v = self.qkv(_modulate(self.norm1(h), shift1, scale1)).reshape(B, N, 3, self.num_heads, -1) \
+            .permute(2, 0, 3, 1, 4).unbind(0)                                    # each [B, heads, N, C / heads]
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        h = h + gate1[:, None] * self.proj(a)
+        m = self.fc1(_modulate(self.norm2(h), shift2, scale2))
+        return h + gate2[:, None] * self.dropout(self.fc2(self.dropout(F.gelu(m, approximate='tanh'))))
+
+
+def _sincos_positions(hidden_size, grid_size):
+    """DiT's fixed 2-D positional embedding [grid^2, hidden]: the first half of the channels encodes the patch's
+    column, the second half its row, each as [sin, cos] at frequencies 10000^(-i / (hidden / 4)) (MAE's recipe),
+    computed in float64."""
+    freqs = 1.0 / 10000 ** (torch.arange(hidden_size // 4, dtype=torch.float64) / (hidden_size / 4))
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    row, col = pos.repeat_interleave(grid_size), pos.repeat(grid_size)      # patch i = (row i // g, column i % g)
+    embed = [torch.cat([(p[:, None] * freqs).sin(), (p[:, None] * freqs).cos()], dim=1) for p in (col, row)]
+    return torch.cat(embed, dim=1)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer with IMM's second time embedding (the authors' ImageNet backbone, module docstring):
+    patchify -> + fixed positions -> adaLN-Zero blocks -> adaLN final layer -> unpatchify. The conditioning is
+    emb = MLP_t(c_noise_t) + MLP_s(c_noise_s) + the label's row of a table with a last row for the null class."""
+
+    def __init__(self, img_resolution=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, num_classes=1000, dropout=0.0):
+        super().__init__()
+        if img_resolution % patch_size or hidden_size % num_heads or hidden_size % 4:
+            raise ValueError(f'DiT: img_resolution {img_resolution} must be a multiple of patch_size {patch_size}, '
+                             f'and hidden_size {hidden_size} a multiple of 4 and of num_heads {num_heads}')
+        self.config = dict(arch='dit', img_resolution=img_resolution, in_channels=in_channels, patch_size=patch_size,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           num_classes=num_classes, dropout=dropout)
+        self.num_classes, self.patch_size, self.in_channels = num_classes, patch_size, in_channels
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.register_buffer('pos_embed', _sincos_positions(hidden_size, img_resolution // patch_size)[None].float())
+        self.embed_t = DiTTimeEmbedding(hidden_size)
+        self.embed_s = DiTTimeEmbedding(hidden_size)
+        self.embed_label = nn.Embedding(num_classes + 1, hidden_size)           # row num_classes: the null class
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)  # per patch: (p, q, channel)
+        self.init_as_dit()
+
+    @torch.no_grad()
+    def init_as_dit(self):
+        """DiT's initialisation, as in the authors' code: xavier-uniform linear weights (the patch embedding as a
+        linear map of the flattened patch) and zero biases; label table and time MLPs N(0, 0.02^2); every
+        modulation and the output layer zero (adaLN-Zero), so the network's output starts exactly at zero."""
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.embed_label.weight, std=0.02)
+        for embed in (self.embed_t, self.embed_s):
+            nn.init.normal_(embed.mlp[0].weight, std=0.02)
+            nn.init.normal_(embed.mlp[2].weight, std=0.02)
+        for layer in [*(blk.modulation for blk in self.blocks), self.out_modulation, self.out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, c_noise_t, c_noise_s, labels=None, augment_labels=None):
+        if augment_labels is not None:
+            raise ValueError('augment_labels were given to a DiT, which has no augmentation input '
+                             '(the ImageNet setting uses none); train it with --augment 0')
+        if labels is None:  # unconditional use = the null class (the only row when num_classes = 0)
+            labels = torch.full(c_noise_t.shape, self.num_classes, dtype=torch.long, device=x.device)
+        elif not self.num_classes:
+            raise ValueError('labels were given to an unconditional DiT (num_classes=0); '
+                             'build it with num_classes > 0 for class-conditional use')
+        emb = self.embed_t(c_noise_t) + self.embed_s(c_noise_s) + self.embed_label(labels)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed          # [B, patches, hidden]
+        for block in self.blocks:
+            h = block(h, emb)
+        shift, scale = self.out_modulation(F.silu(emb)).chunk(2, dim=1)
+        h = self.out(_modulate(self.out_norm(h), shift, scale))
+        return self.unpatchify(h)
+
+    def unpatchify(self, h):
+        """[B, patches, p * p * C] -> [B, C, H, W]."""
+        B, g, p, C = h.shape[0], int(h.shape[1] ** 0.5), self.patch_size, self.in_channels
+        return h.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)

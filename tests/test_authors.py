@@ -135,7 +135,8 @@ def authors_precond(net, module_src='', unet_class='SongUNet', **settings):
 
 @pytest.fixture
 def write(monkeypatch):
-    """write(path, obj): pickle.dump(dict(ema=obj)) as their release does, under their module names."""
+    """write(path, obj): pickle.dump(dict(ema=obj)) as their release does, under their module names (more entries,
+    as an EDM2-style snapshot's, as keyword arguments)."""
     persistence = types.ModuleType('torch_utils.persistence')
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     package = types.ModuleType('torch_utils')
@@ -143,9 +144,9 @@ def write(monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch_utils', package)
     monkeypatch.setitem(sys.modules, 'torch_utils.persistence', persistence)
 
-    def write(path, obj):
+    def write(path, obj, **more):
         with open(path, 'wb') as f:
-            pickle.dump(dict(ema=obj), f)
+            pickle.dump(dict(ema=obj, **more), f)
         return path
     return write
 
@@ -310,3 +311,197 @@ def test_training_can_start_from_their_weights(write, tmp_path):
     with pytest.raises(UsageError, match=r"does not fit this run \(classes \(--cond\): the network's 0, this run's 2"):
         np.savez(tmp_path / 'labelled.npz', x=np.zeros((8, 8, 8, 3), np.uint8), labels=np.arange(8) % 2)
         train.main(flags[2:] + ['--dataset', str(tmp_path / 'labelled.npz'), '--cond', '--out', str(tmp_path / 'x')])
+
+
+# ------------------------------------------------------------------- their ImageNet release: a DiT in IMMPrecond
+
+DIT_TINY = {**model.PRESETS['dit-s2'], 'img_resolution': 8, 'hidden_size': 32, 'depth': 2, 'num_heads': 4,
+            'num_classes': 10}
+_DIT_NAMES = [('patch_embed.', 'x_embedder.proj.'), ('embed_t.', 't_embedder.'), ('embed_s.', 's_embedder.'),
+              ('embed_label.', 'y_embedder.embedding_table.'), ('out_modulation.', 'final_layer.adaLN_modulation.1.'),
+              ('out.', 'final_layer.linear.')]
+_DIT_BLOCK_NAMES = {'qkv': 'attn.qkv', 'proj': 'attn.proj', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2',
+                    'modulation': 'adaLN_modulation.1'}
+
+
+def dit_state(state):
+    """Their DiT state dict (training/dit.py's names) for our DiT's state dict."""
+    theirs = {}
+    for key, value in state.items():
+        for ours, name in _DIT_NAMES:
+            key = name + key[len(ours):] if key.startswith(ours) else key
+        if key.startswith('blocks.'):
+            _, i, layer, leaf = key.split('.')
+            key = f'blocks.{i}.{_DIT_BLOCK_NAMES[layer]}.{leaf}'
+        theirs[key] = value
+    return theirs
+
+
+@pytest.fixture
+def timm(monkeypatch):
+    """timm's PatchEmbed, Attention and Mlp, under their module names: plain torch modules pickled by name."""
+    classes = {}
+    for package in ('timm', 'timm.layers'):
+        monkeypatch.setitem(sys.modules, package, types.ModuleType(package))
+    for module, name in [('timm.layers.patch_embed', 'PatchEmbed'), ('timm.layers.attention', 'Attention'),
+                         ('timm.layers.mlp', 'Mlp')]:
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+        classes[name] = type(name, (torch.nn.Module,), {'__module__': module})
+        setattr(sys.modules[module], name, classes[name])
+
+    def make(name, children, **attributes):
+        layer = classes[name]()
+        for child_name, child in children.items():
+            layer.add_module(child_name, child)
+        layer.__dict__.update(attributes)
+        return layer
+    return make
+
+
+def _linear(state, prefix):
+    w = state[prefix + '.weight']
+    layer = torch.nn.Linear(w.shape[1], w.shape[0])
+    layer.weight, layer.bias = (torch.nn.Parameter(state[f'{prefix}.{k}'], requires_grad=False)
+                                for k in ('weight', 'bias'))
+    return layer
+
+
+def authors_dit_precond(net, timm, class_name='DiT', approximate='tanh', **settings):
+    """Their IMMPrecond around a DiT holding our net's weights, laid out as their training/dit.py builds it: their own
+    modules as persistent records, timm's and torch's as plain pickled modules."""
+    c, state = net.config, dit_state({k: v.clone() for k, v in net.state_dict().items()})
+    H, p = c['hidden_size'], c['patch_size']
+    norm = lambda: torch.nn.LayerNorm(H, elementwise_affine=False, eps=1e-6)
+    sequential = lambda prefix: torch.nn.Sequential(torch.nn.SiLU(), _linear(state, prefix))
+
+    def embedder(name):
+        mlp = torch.nn.Sequential(_linear(state, f'{name}.mlp.0'), torch.nn.SiLU(), _linear(state, f'{name}.mlp.2'))
+        attributes = dict(use_mlp=True, hidden_size=H, frequency_embedding_size=256, embedding_type='positional')
+        return Persistent('TimestepEmbedder', module_dict(children={'mlp': mlp}, **attributes), '')
+
+    def block(i):
+        b = f'blocks.{i}'
+        attn = timm('Attention', dict(qkv=_linear(state, f'{b}.attn.qkv'), q_norm=torch.nn.Identity(),
+                                      k_norm=torch.nn.Identity(), attn_drop=torch.nn.Dropout(0.0),
+                                      proj=_linear(state, f'{b}.attn.proj'), proj_drop=torch.nn.Dropout(0.0)),
+                    num_heads=c['num_heads'], fused_attn=True)
+        mlp = timm('Mlp', dict(fc1=_linear(state, f'{b}.mlp.fc1'), act=torch.nn.GELU(approximate=approximate),
+                               drop1=torch.nn.Dropout(0.0), norm=torch.nn.Identity(),
+                               fc2=_linear(state, f'{b}.mlp.fc2'), drop2=torch.nn.Dropout(0.0)))
+        children = dict(norm1=norm(), attn=attn, norm2=norm(), mlp=mlp,
+                        adaLN_modulation=sequential(f'{b}.adaLN_modulation.1'))
+        return Persistent('DiTBlock', module_dict(children=children, skip_linear=None), '')
+
+    blocks = torch.nn.ModuleList()
+    blocks.__dict__['_modules'] = collections.OrderedDict((str(i), block(i)) for i in range(c['depth']))
+    proj = torch.nn.Conv2d(c['in_channels'], H, p, stride=p)
+    proj.weight, proj.bias = (torch.nn.Parameter(state[f'x_embedder.proj.{k}'], requires_grad=False)
+                              for k in ('weight', 'bias'))
+    label_table = torch.nn.Embedding.from_pretrained(state['y_embedder.embedding_table.weight'])
+    final = Persistent('FinalLayer', module_dict(children=dict(
+        norm_final=norm(), linear=_linear(state, 'final_layer.linear'),
+        adaLN_modulation=sequential('final_layer.adaLN_modulation.1'))), '')
+    children = dict(s_embedder=embedder('s_embedder'), x_embedder=timm('PatchEmbed', {'proj': proj}, patch_size=(p, p)),
+                    t_embedder=embedder('t_embedder'),
+                    y_embedder=Persistent('LabelEmbedder', module_dict(children={'embedding_table': label_table},
+                                                                       num_classes=c['num_classes'] + 1,
+                                                                       dropout_prob=0.0), ''),
+                    blocks=blocks, final_layer=final)
+    kwargs = dict(img_resolution=c['img_resolution'], img_channels=c['in_channels'], in_channels=c['in_channels'],
+                  out_channels=c['in_channels'], label_dim=c['num_classes'], s_embed=True, num_classes=c['num_classes'])
+    dit = Persistent(class_name, module_dict(
+        parameters={'pos_embed': torch.nn.Parameter(state['pos_embed'], requires_grad=False)}, children=children,
+        in_channels=c['in_channels'], out_channels=c['in_channels'], patch_size=p, num_heads=c['num_heads'],
+        skip=False, s_embed=True, _init_kwargs=kwargs), '')
+    attributes = dict(img_resolution=c['img_resolution'], img_channels=c['in_channels'], label_dim=c['num_classes'],
+                      use_mixed_precision=True, mixed_precision=torch.float16, noise_schedule='fm', T=0.994, eps=0.0,
+                      sigma_data=0.5, f_type='euler_fm', time_scale=1000.0, temb_type='stride')
+    attributes.update(settings)
+    attributes = {k: v for k, v in attributes.items() if v is not None}
+    precond_kwargs = dict(img_resolution=c['img_resolution'], img_channels=c['in_channels'],
+                          label_dim=c['num_classes'], model_type=class_name, mixed_precision='fp16')
+    return Persistent('IMMPrecond', module_dict(children={'model': dit}, _init_kwargs=precond_kwargs, **attributes), '')
+
+
+def random_dit(config=DIT_TINY, seed=0):
+    """Our DiT with every weight random, the zero-initialised ones included."""
+    return random_net(config, seed)
+
+
+def test_their_dit_pickle_becomes_our_dit_computing_the_same_function(write, timm, tmp_path):
+    net = random_dit()
+    loaded, cfg, info = checkpoint.load_authors_pickle(write(tmp_path / 'imagenet.pkl', authors_dit_precond(net, timm)))
+    assert loaded.config == net.config and info['network'] == 'IMMPrecond(DiT)' and info['dtypes'] == ['torch.float32']
+    assert (cfg.schedule, cfg.param, cfg.eps, cfg.T, cfg.sigma_d) == ('fm', 'euler_fm', 0.0, 0.994, 0.5)
+    x, c_t, c_s = torch.randn(3, 4, 8, 8), torch.tensor([994., 500., 20.]), torch.tensor([6., 300., 19.])
+    labels = torch.tensor([0, 7, 10])  # 10: the null class
+    assert torch.equal(loaded(x, c_t, c_s, labels), net(x, c_t, c_s, labels))
+
+
+@pytest.mark.parametrize('temb_type, second_time', [('stride', 't-s'), ('identity', 's')])
+def test_both_second_time_conditions_of_their_imagenet_files_load(write, timm, tmp_path, temb_type, second_time):
+    """imagenet256_ts_a2.pkl: t - s ('stride'); imagenet256_s_a1.pkl: s ('identity'), as stored with the network."""
+    path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, 'DiT_XL_2', temb_type=temb_type))
+    _, cfg, info = checkpoint.load_authors_pickle(path)
+    assert cfg.second_time == second_time and info['stored_temb_type'] == temb_type
+
+
+def test_without_a_stored_second_time_a_dit_file_needs_it_named(write, timm, tmp_path):
+    path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, temb_type=None))
+    with pytest.raises(UsageError, match="stores no temb_type.*pass second_time='t-s'"):
+        checkpoint.load_authors_pickle(path)
+    assert checkpoint.load_authors_pickle(path, second_time='s')[1].second_time == 's'
+
+
+def test_a_second_time_given_overrides_the_stored_one_with_a_warning(write, timm, tmp_path):
+    path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, temb_type='stride'))
+    with pytest.warns(UserWarning, match="stores temb_type='stride'; using second_time='s'"):
+        assert checkpoint.load_authors_pickle(path, second_time='s')[1].second_time == 's'
+
+
+def test_label_table_rows_past_the_null_row_are_dropped(write, timm, tmp_path):
+    """Their LabelEmbedder adds a row when built with label dropout; their forward never reaches past the null row."""
+    net = random_dit()
+    precond = authors_dit_precond(net, timm)
+    label_embedder = precond.state['_modules']['model'].state['_modules']['y_embedder']
+    table = label_embedder.state['_modules']['embedding_table']
+    label_embedder.state['_modules']['embedding_table'] = torch.nn.Embedding.from_pretrained(
+        torch.cat([table.weight, torch.randn(1, table.weight.shape[1])]))
+    loaded, _, _ = checkpoint.load_authors_pickle(write(tmp_path / 'a.pkl', precond))
+    assert torch.equal(loaded.embed_label.weight, net.embed_label.weight)
+
+
+def test_the_dit_name_map_round_trips_on_the_xl2_preset():
+    with torch.device('meta'):
+        ours = model.build_net(model.PRESETS['dit-xl2']).state_dict()
+    converted = checkpoint.convert_authors_dit_state(dit_state(ours))
+    assert list(converted) == list(ours) and all(converted[k].shape == v.shape for k, v in ours.items())
+    assert 'blocks.27.attn.qkv.weight' in dit_state(ours)
+    assert len(ours) == 12 + 28 * 10 + 4                    # patches, positions and embeddings; blocks; final layer
+
+
+def test_a_dit_weight_ours_does_not_have_is_refused_by_name():
+    state = dit_state(random_dit().state_dict())
+    state['blocks.0.attn.q_norm.weight'] = torch.ones(8)                   # their qk_norm=True
+    with pytest.raises(UsageError, match="'blocks.0.attn.q_norm.weight' that our DiT does not have"):
+        checkpoint.convert_authors_dit_state(state)
+
+
+def test_a_dit_with_another_activation_is_refused_by_name(write, timm, tmp_path):
+    path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, approximate='none'))
+    with pytest.raises(UsageError, match=r"blocks.0.mlp.act=\('GELU', 'none'\)"):
+        checkpoint.load_authors_pickle(path)
+
+
+def test_the_latent_encoder_settings_are_returned_when_the_file_holds_them(write, timm, tmp_path):
+    net = random_dit()
+    _, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'a.pkl', authors_dit_precond(net, timm)))
+    assert info['encoder'] is None and 'sd-vae-ft-ema' in info['encoder_note']
+    std = np.array([4.85503674, 5.31922414, 3.93725398, 3.9870003], np.float32)
+    encoder = Persistent('StabilityVAEEncoder', dict(vae_name='stabilityai/sd-vae-ft-ema', scale=np.float32(0.5) / std,
+                                                     bias=np.zeros(4, np.float32), batch_size=8, _vae=None,
+                                                     dtype=torch.float16), '')
+    _, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'b.pkl', authors_dit_precond(net, timm),
+                                                      encoder=encoder))
+    assert info['encoder']['vae_name'] == 'stabilityai/sd-vae-ft-ema' and info['encoder']['dtype'] == 'torch.float16'
+    assert np.allclose(info['encoder']['scale'], 0.5 / std) and info['encoder_note'] is None
