@@ -40,6 +40,7 @@ import torch
 from data import SIGMA_D, UsageError, write_atomically
 from imm import IMMConfig
 from model import build_net
+from vae import DEFAULT_VAE, IMAGENET_LATENT_MEAN, IMAGENET_LATENT_STD
 
 KEYS = ['net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng']
 SAMPLING_KEYS = ['net', 'ema', 'net_config', 'imm_config', 'data', 'args']  # what sample.py needs of them
@@ -108,6 +109,9 @@ def load_for_sampling(path, raw=False, flag='--ckpt'):
             c = net.config
             data = {'name': "the authors' release", 'kind': 'image', 'num_classes': c['num_classes'],
                     'shape': [c['in_channels'], c['img_resolution'], c['img_resolution']], 'mean': None, 'std': None}
+            if c['arch'] == 'dit':  # their ImageNet model works on SD-VAE latents, normalised as their release does
+                data.update(kind='latent', mean=IMAGENET_LATENT_MEAN, std=IMAGENET_LATENT_STD, scale=SIGMA_D,
+                            vae=DEFAULT_VAE)
             return net, cfg, {'data': data, 'args': {'loss': 'imm'}, 'step': 'released', 'authors': info}
     ckpt = read(path, SAMPLING_KEYS, flag=flag)
     if ckpt['net_config'].get('arch') == 'unet' and 'augment_dim' not in ckpt['net_config']:

@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import model
 from data import UsageError
+from test_latents import tiny_vae  # noqa: F401  (a fixture: a tiny random SD-VAE in a folder)
 
 COND_TINY = {**model.PRESETS['tiny'], 'num_classes': 10}
 
@@ -505,3 +506,16 @@ def test_the_latent_encoder_settings_are_returned_when_the_file_holds_them(write
                                                       encoder=encoder))
     assert info['encoder']['vae_name'] == 'stabilityai/sd-vae-ft-ema' and info['encoder']['dtype'] == 'torch.float16'
     assert np.allclose(info['encoder']['scale'], 0.5 / std) and info['encoder_note'] is None
+
+
+def test_their_imagenet_file_samples_to_decoded_images_with_guidance(write, timm, tmp_path, tiny_vae):
+    import sample as sample_script
+    path = write(tmp_path / 'imagenet256_ts_a2.pkl', authors_dit_precond(random_dit(), timm))
+    _, _, ckpt = checkpoint.load_for_sampling(str(path))
+    assert ckpt['data']['kind'] == 'latent' and ckpt['data']['scale'] == 0.5     # their latent normalisation
+    assert ckpt['data']['mean'][0] == 0.86488 and ckpt['data']['vae'] == 'stabilityai/sd-vae-ft-ema'
+    out = tmp_path / 'samples.npz'
+    sample_script.main(['--ckpt', str(path), '--steps', '2', '--guidance', '1.5', '--class', '7', '--n', '2',
+                        '--vae', tiny_vae, '--out', str(out), '--device', 'cpu'])
+    with np.load(out) as f:
+        assert f['arr_0'].dtype == np.uint8 and f['arr_0'].shape == (2, 16, 16, 3) and f['arr_1'].tolist() == [7, 7]

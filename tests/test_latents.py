@@ -113,8 +113,9 @@ def test_latents_bring_the_papers_imagenet_settings(tmp_path):
     latent_file(tmp_path / 'imagenet-latents.npz')
     data = load_dataset(str(tmp_path / 'imagenet-latents.npz'))
     args, cfg, net_config, M, micro = train.resolve_settings(
-        train.parse_args(['--dataset', str(tmp_path / 'imagenet-latents.npz'), '--model', 'tiny']), data, 1)
-    assert train.DEFAULTS['latent']['model'] == 'dit-xl2'          # --model tiny only until model.py has the DiT
+        train.parse_args(['--dataset', str(tmp_path / 'imagenet-latents.npz')]), data, 1)
+    assert args.model == 'dit-xl2' and (net_config['arch'], net_config['hidden_size'], net_config['depth']) == (
+        'dit', 1152, 28)
     assert (cfg.schedule, cfg.param, cfg.eps, cfg.T, cfg.k, cfg.a, cfg.b) == ('fm', 'euler_fm', 0.0, 0.994, 12, 2.0, 4.0)
     assert (cfg.second_time, cfg.min_gap, cfg.particles, cfg.sigma_d) == ('t-s', 1e-4, 4, 0.5)
     assert (args.optimizer, args.lr, args.batch, args.ema, args.iters) == ('adamw', 1e-4, 4096, 0.9999, 1_200_000)
@@ -185,12 +186,13 @@ def test_center_crop_halves_with_a_box_filter_then_crops_the_middle():
 def test_a_latent_run_trains_samples_and_decodes_to_uint8_images(tmp_path, tiny_vae):
     latent_file(tmp_path / 'latents.npz', vae=np.str_(tiny_vae))
     out = tmp_path / 'run'
-    flags = ['--dataset', tmp_path / 'latents.npz', '--model', 'tiny', '--iters', 2, '--batch', 8, '--precision',
-             'fp32', '--out', out, '--sample-every', 2, '--device', 'cpu']
+    flags = ['--dataset', tmp_path / 'latents.npz', '--model', 'dit-s2', '--channels', 96, '--iters', 2, '--batch', 8,
+             '--precision', 'fp32', '--out', out, '--sample-every', 2, '--device', 'cpu']
     assert train.main(list(map(str, flags))) == 0
     ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['data']['kind'] == 'latent' and ckpt['data']['vae'] == tiny_vae and ckpt['data']['scale'] == SIGMA_D
     assert ckpt['args']['optimizer'] == 'adamw' and ckpt['net_config']['num_classes'] == 2
+    assert ckpt['net_config']['arch'] == 'dit' and ckpt['net_config']['hidden_size'] == 96
     assert 'exp_avg' in next(iter(ckpt['opt']['state'].values()))
     assert (out / 'samples' / '0000002-2step.png').exists()     # latent channels as a preview
     sample_script.main(['--ckpt', str(out), '--steps', '8', '--guidance', '1.5', '--n', '5', '--batch', '3',
