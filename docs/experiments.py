@@ -8,6 +8,7 @@ its pictures into --out (default: this folder):
     python docs/experiments.py particles   # particles M in {1, 2, 4, 8} x mapping k in {10, 12, 15}: exp_particles.png
     python docs/experiments.py params      # parameterization x schedule (paper Table 3) -> exp_params.png
     python docs/experiments.py toys --iters 20 --toys moons --out /tmp/x     # a smoke test, seconds
+    python docs/experiments.py score runs/moons runs/spirals # a train.py run's EMA at 1 and 2 steps: one row each
 
 Units: the toys standardised per dimension to std sigma_d = 0.5 (data.load_dataset), the scale the method
 assumes. Distance: squared MMD with a Gaussian kernel of width WIDTH between EVAL_POINTS samples and as many
@@ -29,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # imm, model, data: repo root
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import imm  # noqa: E402
 import model  # noqa: E402
@@ -56,6 +58,12 @@ def mmd2(a, b):
         return torch.exp(-torch.cdist(u, v).square() / (2 * WIDTH ** 2)).mean()
     a, b = a.double(), b.double()
     return (k(a, a) + k(b, b) - 2 * k(a, b)).item()
+
+
+def energy_distance(a, b):
+    """2 E|a - b| - E|a - a'| - E|b - b'|, all pairs, float64: large scales dominate it (see the docstring)."""
+    a, b = a.double(), b.double()
+    return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
 def noise_floor(ds, seeds):
@@ -255,9 +263,42 @@ def run_params(args):
     return lines
 
 
+def run_score(args):
+    """train.py runs (their EMA) at 1 and 2 steps against held-out points: a toy's fresh draw (held_out, seed 1000),
+    or --ref, an .npy of held-out points in the data's own units; then the floor, the data against itself.
+    With --picture, also a grid of the held-out data beside the 1- and 2-step samples, one row per run."""
+    lines = ['| run | MMD 1 step | MMD 2 steps | energy 1 step | energy 2 steps |', '|---|---|---|---|---|']
+    floors, panels = [], []
+    for run in args.runs:
+        net, cfg, ckpt = checkpoint.load_for_sampling(checkpoint.file_of(run))
+        units = ckpt['data']
+        mean, std = (torch.as_tensor(units[key], dtype=torch.float64) for key in ('mean', 'std'))
+        if args.ref:
+            held = torch.from_numpy(np.load(args.ref)).double()      # two draws: the reference, then the floor's
+            points = [held[:EVAL_POINTS], held[EVAL_POINTS:2 * EVAL_POINTS]]
+        else:
+            points = [torch.from_numpy(data.make_toy(units['name'], EVAL_POINTS, seed=seed)[0]) for seed in (1000, 2000)]
+        ref, other = ((p - mean) / std * data.SIGMA_D for p in points)
+        noise = cfg.sigma_d * torch.randn(EVAL_POINTS, 2, generator=torch.Generator().manual_seed(10_000))
+        x = [imm.sample(net, noise, imm.sampling_times(steps, cfg), cfg).double() for steps in (1, 2)]
+        lines.append(f'| {run} | ' + ' | '.join(f'{1e3 * f(y, ref):.2f}' for f in (mmd2, energy_distance) for y in x) + ' |')
+        floors.append(f'{1e3 * mmd2(other, ref):.2f} | | {1e3 * energy_distance(other, ref):.2f} |')
+        panels.append([scatter_image(y.float()) for y in (ref, *x)])
+    if args.picture:
+        save_grid(panels, [os.path.basename(os.path.normpath(run)) for run in args.runs],
+                  ['held-out data', 'IMM, 1 step', 'IMM, 2 steps'], os.path.join(args.out, args.picture))
+    lines += [f'| floor of {run} (data vs data) | {floor}' for run, floor in zip(args.runs, floors)]
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description='Toy experiments behind docs/experiments.md (see the module docstring).')
-    p.add_argument('experiment', choices=['toys', 'particles', 'params'], help='which table and pictures to make')
+    p.add_argument('experiment', choices=['toys', 'particles', 'params', 'score'],
+                   help='which table and pictures to make; score: a table of train.py runs (no pictures)')
+    p.add_argument('runs', nargs='*', help='score: train.py output folders or checkpoints')
+    p.add_argument('--picture', help='score: also write this PNG (in --out) of data, 1- and 2-step samples per run')
+    p.add_argument('--ref', help='score: .npy of 2 x 4000 held-out points (reference, then floor) for runs on an '
+                               '.npy, in its units (default: fresh draws of the toy)')
     p.add_argument('--iters', type=int, default=2000, help='training iterations of every run')
     p.add_argument('--seeds', type=int, help='seeds per configuration (default: 1 for toys, 2 otherwise)')
     p.add_argument('--toys', nargs='+', choices=data.TOYS,
@@ -275,13 +316,18 @@ def main(argv=None):
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        lines = {'toys': run_toys, 'particles': run_particles, 'params': run_params}[args.experiment](args)
+        lines = {'toys': run_toys, 'particles': run_particles, 'params': run_params,
+                 'score': run_score}[args.experiment](args)
     finally:
         torch.set_num_threads(threads)
     seconds = time.time() - start
-    lines += ['', f'Squared MMD x 1e3 (Gaussian kernel, width {WIDTH}) to {EVAL_POINTS} held-out points, lower is '
-              f'better; mean ± std over {args.seeds} seed(s); {args.iters} iterations of batch {BATCH} per run; '
-              f'{seconds / 60:.1f} min in all.']
+    if args.experiment == 'score':
+        lines += ['', f'Squared MMD (Gaussian kernel, width {WIDTH}) and energy distance, both x 1e3, of {EVAL_POINTS} '
+                  f'EMA samples to {EVAL_POINTS} held-out points; lower is better.']
+    else:
+        lines += ['', f'Squared MMD x 1e3 (Gaussian kernel, width {WIDTH}) to {EVAL_POINTS} held-out points, lower is '
+                  f'better; mean ± std over {args.seeds} seed(s); {args.iters} iterations of batch {BATCH} per run; '
+                  f'{seconds / 60:.1f} min in all.']
     table = '\n'.join(lines)
     print(table)
     return table

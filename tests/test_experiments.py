@@ -27,3 +27,17 @@ def test_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
     a = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
     assert abs(experiments.mmd2(a, a)) < 1e-12
     assert experiments.mmd2(a, a + 0.2) > experiments.mmd2(a, a + 0.05) > 0
+
+
+def test_score_prints_one_row_per_train_py_run_and_its_floor(tmp_path, capsys, monkeypatch):
+    import train
+    monkeypatch.setattr(experiments, 'EVAL_POINTS', 300)
+    run = tmp_path / 'moons'
+    assert train.main(['--dataset', 'moons', '--iters', '2', '--batch', '32', '--channels', '16', '--out', str(run),
+                       '--sample-every', '0', '--device', 'cpu']) == 0
+    table = experiments.main(['score', str(run), '--picture', 'score.png', '--out', str(tmp_path)])
+    rows = [line for line in table.splitlines() if line.startswith('| ') and not line.startswith('| run')]
+    assert len(rows) == 2 and rows[0].startswith(f'| {run} |') and rows[1].startswith('| floor of')
+    assert all(float(v) >= 0 for v in rows[0].strip(' |').split(' | ')[1:])   # MMD and energy at 1 and 2 steps
+    with Image.open(tmp_path / 'score.png') as picture:
+        assert picture.size[0] > 3 * experiments.PANEL                          # data, 1 step, 2 steps

@@ -52,10 +52,11 @@ def test_mlp_maps_vectors_to_the_same_shape():
     assert net(x, *_conditions(5), torch.tensor([0, 1, 2, 3, 0])).shape == x.shape
 
 
-def test_mlp_output_is_exactly_zero_at_initialisation():
+def test_mlp_output_layer_starts_random_not_zero():
+    """PyTorch's default init (a zero output layer left the toys' IMM loss at its floor for hundreds of steps)."""
     net = model.build_net(model.PRESETS['mlp'])
     x = torch.randn(2, 2)
-    assert torch.equal(net(x, *_conditions(2)), torch.zeros_like(x))
+    assert net.out.weight.abs().min() > 0 and net(x, *_conditions(2)).abs().min() > 1e-4
 
 
 @pytest.mark.parametrize('preset', ['ddpmpp', 'tiny'])
