@@ -175,7 +175,7 @@ def test_bench_prints_one_json_line(capsys):
 # ---- bad input: one message naming the value and what is accepted; nothing written is damaged
 
 @pytest.mark.parametrize('flags, message', [
-    (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
+    (['--dataset', 'svhn'], "unknown dataset 'svhn'"),
     (['--dataset', 'missing.npy'], "'missing.npy' does not exist"),
     (['--batch', '30'], '--batch 30 must be divisible by M x ranks = 4 x 1'),
     (['--micro-batch', '12'], '--micro-batch 12: accepted'),
