@@ -18,6 +18,10 @@ What `name` can be:
   vae.py writes the release's ImageNet values for sd-vae-ft-ema) and vae (the VAE's name, which sample.py decodes
   with). Without latent_mean/latent_std, each channel is normalised by its own mean and std over the file, as
   vectors are.
+- 'digits': the 1,797 8x8 handwritten digits that scikit-learn ships (no download; scikit-learn is an optional
+  dependency), grey levels 0..16 scaled to uint8 0..255, 1 channel, labels 0..9.
+- 'mnist': the 60k 28x28 MNIST training digits, read from <data_dir>/MNIST/raw (the idx files); downloaded
+  there with torchvision only when they are missing.
 - a built-in 2-D toy generated in code: 'checkerboard', 'moons', 'spirals', 'gaussians8' (with labels).
 
 Images stay uint8 here; encode() maps a batch to [-1, 1] (spec section 6) when train.py draws it. Vectors
@@ -42,7 +46,7 @@ SIGMA_D = 0.5                          # data std the method assumes (spec secti
 TOYS = ('checkerboard', 'moons', 'spirals', 'gaussians8')
 TOY_SIZE = 100_000                     # points drawn for a toy (a fixed set, like a real dataset)
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff')
-ACCEPTED = "'cifar10', a folder of images, a .npy/.npz file, or a toy: " + ', '.join(TOYS)
+ACCEPTED = "'cifar10', 'digits', 'mnist', a folder of images, a .npy/.npz file, or a toy: " + ', '.join(TOYS)
 
 
 class UsageError(Exception):
@@ -70,6 +74,9 @@ def load_dataset(name, data_dir='data', resolution=None, workers=0):
         return _vectors(name, points, labels)
     if name == 'cifar10':
         images, labels = _read_cifar10(data_dir)
+        return _images(name, _fit_array(images, resolution), labels)
+    if name in ('digits', 'mnist'):
+        images, labels = _read_digits() if name == 'digits' else _read_mnist(data_dir)
         return _images(name, _fit_array(images, resolution), labels)
     if os.path.isdir(name):
         images, labels = _read_folder(name, resolution, workers)
@@ -168,6 +175,41 @@ def _read_cifar10(data_dir):
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_digits():
+    """scikit-learn's 1,797 8x8 digits (its copy of the UCI test set): grey levels 0..16 -> uint8 0..255."""
+    try:
+        from sklearn.datasets import load_digits   # ships the data inside the package: no download
+    except ImportError:
+        raise UsageError("dataset 'digits' comes with scikit-learn, which is not installed: "
+                         "pip install scikit-learn") from None
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[:, None]   # [1797, 1, 8, 8]
+    return images, digits.target.astype(np.int64)
+
+
+def _read_mnist(data_dir):
+    """The 60k MNIST training digits, uint8 [N, 1, 28, 28], from the idx files under <data_dir>/MNIST/raw.
+    torchvision reads them, and downloads them first only when one of the four files is missing."""
+    try:
+        import torchvision
+    except ImportError:
+        raise UsageError("dataset 'mnist' is read (and downloaded) by torchvision, which is not installed: "
+                         "pip install torchvision") from None
+    raw = os.path.join(data_dir, 'MNIST', 'raw')
+    try:
+        mnist = torchvision.datasets.MNIST(data_dir, train=True, download=False)
+    except RuntimeError:                          # not there yet: fetch it
+        print(f"downloading MNIST into {raw!r}")
+        try:
+            mnist = torchvision.datasets.MNIST(data_dir, train=True, download=True)
+        except Exception as e:
+            raise UsageError(f"could not download MNIST into {raw!r}: {e}") from None
+    except Exception as e:
+        raise UsageError(f"cannot read MNIST from {raw!r} ({type(e).__name__}: {e}); "
+                         f"delete that folder to download it again") from None
+    return mnist.data.numpy()[:, None], mnist.targets.numpy().astype(np.int64)
 
 
 def _fit(image, resolution):

@@ -1,5 +1,5 @@
-"""Backbones for IMM: the DDPM++ U-Net of the paper's CIFAR-10 setting, the DiT of its ImageNet setting, and a
-residual MLP for 2-D data.
+"""Backbones for IMM: the DDPM++ U-Net of the paper's CIFAR-10 setting (and smaller ones of its layout for CPU
+runs), the DiT of its ImageNet setting, and a residual MLP for 2-D data.
 
 Nothing here knows IMM (that is imm.py). Every network keeps one contract:
     net(x, c_noise_t, c_noise_s, labels=None, augment_labels=None) -> tensor shaped like x
@@ -49,6 +49,10 @@ PRESETS = {
     # The same layout, small enough for CPU tests (two levels, one block each).
     'tiny': dict(arch='unet', img_resolution=32, in_channels=3, model_channels=16, channel_mult=[1, 2],
                  num_blocks=1, attn_resolutions=[16], dropout=0.0, num_classes=0, augment_dim=0),
+    # Small images (up to 16x16, e.g. the 8x8 digits) on a CPU: two levels, one block each, no attention but the
+    # one the bottom of the decoder always has.
+    'small': dict(arch='unet', img_resolution=8, in_channels=1, model_channels=32, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[], dropout=0.0, num_classes=0, augment_dim=0),
     # 2-D toys.
     'mlp': dict(arch='mlp', dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0),
     # DiT sizes S/B/L/XL, patch 2 or 4, for ImageNet 256 as 32x32x4 SD-VAE latents (spec section 7; XL/2 is the

@@ -251,7 +251,7 @@ def main(argv=None):
     add('--class', dest='class_label', type=int, help='class of every sample (default: uniform, drawn with --seed)')
     add('--restart', action='store_true', help='restart sampling: jump to eps, re-noise to the next time (App. F)')
     add('--vae', help='latent checkpoints: the diffusers AutoencoderKL that decodes them, a Hugging Face name or '
-                      f'a local folder (default: the one that encoded the data, as the checkpoint names it)')
+                      'a local folder (default: the one that encoded the data, as the checkpoint names it)')
     add('--raw', action='store_true', help="use the training weights ckpt['net'] instead of the EMA ckpt['ema']")
     add('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
         help='cpu, cuda or cuda:N (default: cuda when available)')

@@ -4,6 +4,7 @@ per-group times (s, t), take imm.imm_loss, step RAdam (AdamW for latents), updat
 and logs go to --out (default runs/<dataset>).
 
     python train.py --dataset moons                 # 2-D toy on a CPU, a few minutes -> runs/moons/
+    python train.py --dataset digits                # 8x8 handwritten digits on a CPU, ~5 minutes -> runs/digits/
     python train.py --dataset moons --resume        # continue runs/moons/ckpt.pt (same flags as the first run)
     python train.py --dataset cifar10               # the paper's CIFAR-10 run: 400k steps of batch 4096 (spec 7)
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10 --precision bf16 --compile
@@ -12,10 +13,11 @@ and logs go to --out (default runs/<dataset>).
     python train.py --dataset cifar10 --bench 20 --precision bf16   # speed of the chosen config: one JSON line
     torchrun --standalone --nproc_per_node=8 train.py --dataset imagenet-latents.npz   # ImageNet-256 (README)
 
---dataset is cifar10, a folder of images, a .npy/.npz array, or a 2-D toy (checkerboard, moons, spirals,
-gaussians8); see data.py. Images train the U-Net (model.PRESETS['ddpmpp']) with the paper's CIFAR-10 settings;
-latents (an .npz from vae.py) train DiT-XL/2 with its ImageNet-256 settings; vectors train the MLP with settings
-that give good samples in a few CPU minutes (DEFAULTS below).
+--dataset is cifar10, digits, mnist, a folder of images, a .npy/.npz array, or a 2-D toy (checkerboard, moons,
+spirals, gaussians8); see data.py. Images train the U-Net (model.PRESETS['ddpmpp']) with the paper's CIFAR-10
+settings; latents (an .npz from vae.py) train DiT-XL/2 with its ImageNet-256 settings; small images (16x16 or less,
+cifar10 excepted) a small U-Net, and vectors the MLP, with settings that give good samples in a few CPU minutes
+(DEFAULTS below).
 --batch is the global batch: it is split across torchrun's ranks, then into micro-batches of whole groups
 of M particles (gradient accumulation; M = 1 for flow matching). Everything random in a step is drawn from
 generators seeded by (--seed, step), so a resumed run ends with the same weights as an uninterrupted one,
@@ -61,7 +63,7 @@ from model import PRESETS, build_net
 # --a 1 --second-time s --min-gap 0 --precision tf32. Class-conditional when the latents have labels.
 DEFAULTS = {
     'image': dict(model='ddpmpp', channels=None, iters=400_000, batch=4096, lr=1e-4, ema=0.9999,
-                  log_every=100, ckpt_every=5000, sample_every=10_000, threads=0),
+                  log_every=100, ckpt_every=5000, sample_every=10_000, threads=0, xflip=True),
     'vector': dict(model='mlp', channels=64, k=10, iters=6000, batch=512, lr=2e-3, ema=0.99,
                    log_every=100, ckpt_every=1000, sample_every=1000, threads=1),
     'latent': dict(model='dit-xl2', channels=None, iters=1_200_000, batch=4096, lr=1e-4, ema=0.9999,
@@ -74,6 +76,14 @@ DEFAULTS = {
 METHOD_DEFAULTS = dict(param='simple_edm', eps=0.006, k=15, a=1.0, b=5.0, second_time='s', min_gap=0.0,
                        optimizer='radam', precision='tf32', cond=False)
 OPTIMIZERS = {'radam': torch.optim.RAdam, 'adamw': torch.optim.AdamW}   # both: betas (0.9, 0.999), eps 1e-8, no decay
+# Small images (a side of SMALL_IMAGE or less: the 8x8 digits, a user's own small set) on a CPU: a small U-Net,
+# ~5 minutes on 2 cores to recognisable digits at 1 and 2 steps (docs/experiments.md, "Digits"). k = 10: with the
+# paper's 15 the 1-step samples were still grey blurs after 1500 steps, and k = 10 after 500 steps looked better
+# than k = 15 after 1500. No x-flip: handwriting, and many small sets, are not mirror-symmetric. cifar10 and
+# larger images keep the paper's settings.
+SMALL_IMAGE = 16
+DEFAULTS['small image'] = dict(model='small', channels=None, iters=1500, batch=128, lr=1e-3, ema=0.995,
+                               log_every=100, ckpt_every=500, sample_every=500, threads=1, xflip=False, k=10)
 # Dense peak TFLOP/s of one GPU per --precision, for MFU (H200: the H100 SXM chip with more memory).
 PEAK_TFLOPS = {'H100': dict(bf16=989, fp16=989, tf32=495, fp32=67),
                'H200': dict(bf16=989, fp16=989, tf32=495, fp32=67)}
@@ -86,13 +96,13 @@ def parse_args(argv=None):
     add = p.add_argument
     # data
     add('--dataset', default='cifar10',
-        help='cifar10, a folder of images, a .npy/.npz file (images, vectors, or latents from vae.py), or a toy: '
-             'checkerboard, moons, spirals, gaussians8')
-    add('--data-dir', default='data', help='where cifar10 is kept (downloaded there if missing)')
+        help='cifar10, digits, mnist, a folder of images, a .npy/.npz file (images, vectors, or latents from vae.py), '
+             'or a toy: checkerboard, moons, spirals, gaussians8')
+    add('--data-dir', default='data', help='where cifar10 and mnist are kept (downloaded there if missing)')
     add('--resolution', type=int, help='crop and resize images to this side (default: their own size)')
-    add('--xflip', action=argparse.BooleanOptionalAction, default=True,
-        help='random horizontal flips of images, not of latents or vectors (with --augment > 0, its labelled '
-             'x-flip takes their place)')
+    add('--xflip', action=argparse.BooleanOptionalAction,
+        help='random horizontal flips of images, not of latents or vectors (default: on, off for small images; '
+             'with --augment > 0, its labelled x-flip takes their place)')
     add('--augment', type=float,
         help="probability p of EDM's non-leaking augmentation (paper Table 5 lists it for CIFAR-10 and states no p; "
              "default: EDM's CIFAR-10 value 0.12 for cifar10, 0 elsewhere)")
@@ -103,7 +113,8 @@ def parse_args(argv=None):
     add('--workers', type=int, default=min(8, os.cpu_count() or 1), help='processes that decode an image folder')
     # network
     add('--model', choices=sorted(PRESETS),
-        help='network preset from model.PRESETS (default: ddpmpp for images, mlp for vectors, dit-xl2 for latents)')
+        help='network preset from model.PRESETS (default: ddpmpp for images, small for small images, mlp for vectors, '
+             'dit-xl2 for latents)')
     add('--channels', type=int,
         help="width: U-Net model_channels, DiT hidden_size, MLP hidden (default: the preset's; 64 for vectors)")
     add('--dropout', type=float, help="override the preset's dropout (ddpmpp: 0.2, the paper's)")
@@ -115,8 +126,8 @@ def parse_args(argv=None):
     add('--param', choices=['simple_edm', 'euler_fm', 'identity'],
         help='parameterization c_skip, c_out of f_{s,t} (spec 4; default: simple_edm, euler_fm for latents)')
     add('--k', type=int,
-        help="r(s,t) steps eta by (eta_max - eta_min) / 2^k (default: the paper's 15 for images, 10 for vectors, "
-             "12 for latents)")
+        help="r(s,t) steps eta by (eta_max - eta_min) / 2^k (default: the paper's 15 for images, 10 for small images "
+             "and vectors, 12 for latents)")
     add('--a', type=float, help='time weighting exponent on alpha_t (Eq. 13; default: 1, 2 for latents)')
     add('--b', type=float, help='time weighting sigmoid shift (Eq. 13; default: 5, 4 for latents)')
     add('--eps', type=float,
@@ -130,16 +141,19 @@ def parse_args(argv=None):
     add('--target-fp32', action=argparse.BooleanOptionalAction, default=True,
         help='run the stop-gradient target pass in fp32 under bf16/fp16')
     # optimisation
-    add('--iters', type=int, help='optimizer steps (default: 400k for images, 6000 for vectors)')
+    add('--iters', type=int, help='optimizer steps (default: 400k for images, 1500 for small images, 6000 for vectors)')
     add('--batch', type=int,
-        help='global batch, split across ranks and micro-batches (default: 4096 for images, 512 for vectors)')
+        help='global batch, split across ranks and micro-batches (default: 4096 for images, 128 for small images, '
+             '512 for vectors)')
     add('--micro-batch', default='auto',
         help='rows per forward/backward on each rank, a multiple of M; auto: the per-rank batch, halved until it fits')
     add('--optimizer', choices=sorted(OPTIMIZERS),
         help='RAdam (the paper\'s CIFAR-10) or AdamW (its ImageNet), betas (0.9, 0.999), no weight decay '
              '(default: radam, adamw for latents)')
-    add('--lr', type=float, help='learning rate (default: 1e-4 for images and latents, 2e-3 for vectors)')
-    add('--ema', type=float, help='EMA decay per step (default: 0.9999 for images and latents, 0.99 for vectors)')
+    add('--lr', type=float,
+        help='learning rate (default: 1e-4 for images and latents, 1e-3 for small images, 2e-3 for vectors)')
+    add('--ema', type=float,
+        help='EMA decay per step (default: 0.9999 for images and latents, 0.995 for small images, 0.99 for vectors)')
     add('--grad-clip', type=float, default=0.0, help='clip the gradient norm to this value; 0 = off')
     add('--seed', type=int, default=0, help='seeds the weights and every random draw of training')
     # system
@@ -148,7 +162,8 @@ def parse_args(argv=None):
         help='fp32; TF32 matmuls (paper); bf16 or fp16 autocast (fp16 with a grad scaler) '
              '(default: tf32, fp16 for latents as App. I.6)')
     add('--threads', type=int,
-        help="CPU threads for torch; 0 = torch's default (default: 1 for vectors, where more only add overhead)")
+        help="CPU threads for torch; 0 = torch's default (default: 1 for vectors, where more only add overhead, "
+             "and for small images)")
     add('--compile', action='store_true', help='torch.compile the network (eager, with a warning, if it fails)')
     # output
     add('--out', help='output folder (default: runs/<dataset>)')
@@ -157,9 +172,11 @@ def parse_args(argv=None):
     add('--resume', nargs='?', const='',
         help='continue from a checkpoint (default: <out>/ckpt.pt); pass the flags of the first run')
     add('--log-every', type=int, help='steps between progress lines and log.jsonl entries (default 100)')
-    add('--ckpt-every', type=int, help='steps between checkpoints (default: 5000 for images, 1000 for vectors)')
+    add('--ckpt-every', type=int,
+        help='steps between checkpoints (default: 5000 for images, 500 for small images, 1000 for vectors)')
     add('--sample-every', type=int,
-        help='steps between pictures of 1- and 2-step EMA samples; 0 = never (default: 10000 images, 1000 vectors)')
+        help='steps between pictures of 1- and 2-step EMA samples; 0 = never '
+             '(default: 10000 images, 500 small images, 1000 vectors)')
     add('--fid-every', type=int, default=0, help='steps between FID evaluations of the EMA at 1 and 2 steps; 0 = off')
     add('--fid-n', type=int, default=10_000, help='generated images per FID evaluation')
     add('--fid-ref', help='reference statistics .npz (keys mu, sigma) from `python fid.py ref`')
@@ -280,9 +297,10 @@ def resolve_settings(args, data, world, init_config=None):
     init_config: the net config of --init-from's network, which then replaces --model and --channels.
     --bench is a configuration: no output folder, nothing logged or saved, warm-up plus timed steps."""
     args = argparse.Namespace(**vars(args))
+    small = data.kind == 'image' and max(data.x.shape[2:]) <= SMALL_IMAGE and args.dataset != 'cifar10'
     if args.cond is None and data.num_classes == 0:       # conditional by default only where there are labels
         args.cond = False
-    for key, value in {**METHOD_DEFAULTS, **DEFAULTS[data.kind]}.items():   # fill in what the user left to the kind
+    for key, value in {**METHOD_DEFAULTS, **DEFAULTS['small image' if small else data.kind]}.items():   # left to the data
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.augment is None:                               # EDM's CIFAR-10 value, where the network can take it

@@ -508,7 +508,7 @@ def test_the_latent_encoder_settings_are_returned_when_the_file_holds_them(write
     assert np.allclose(info['encoder']['scale'], 0.5 / std) and info['encoder_note'] is None
 
 
-def test_their_imagenet_file_samples_to_decoded_images_with_guidance(write, timm, tmp_path, tiny_vae):
+def test_their_imagenet_file_samples_to_decoded_images_with_guidance(write, timm, tmp_path, tiny_vae):  # noqa: F811 (the fixture)
     import sample as sample_script
     path = write(tmp_path / 'imagenet256_ts_a2.pkl', authors_dit_precond(random_dit(), timm))
     _, _, ckpt = checkpoint.load_for_sampling(str(path))

@@ -1,6 +1,7 @@
 """data.py as a specification: what each kind of dataset becomes, and how bad input is refused.
 
-CIFAR-10 is faked in its real on-disk format (python pickles in cifar-10-batches-py), so nothing is downloaded.
+CIFAR-10 and MNIST are faked in their real on-disk formats (python pickles in cifar-10-batches-py, idx files in
+MNIST/raw), so nothing is downloaded.
 """
 import os
 import pickle
@@ -54,6 +55,58 @@ def test_a_damaged_cifar10_batch_is_refused_by_name(tmp_path):
     (folder / 'data_batch_3').write_bytes(b'not a pickle')
     with pytest.raises(UsageError, match='data_batch_3'):
         load_dataset('cifar10', data_dir=str(tmp_path))
+
+
+def test_digits_are_sklearns_1797_8x8_images_as_uint8_with_ten_classes():
+    sklearn_datasets = pytest.importorskip('sklearn.datasets')
+    data = load_dataset('digits')
+    assert data.kind == 'image' and data.x.dtype == torch.uint8 and data.x.shape == (1797, 1, 8, 8)
+    assert data.num_classes == 10 and data.labels.dtype == torch.int64 and data.labels.unique().tolist() == list(range(10))
+    digits = sklearn_datasets.load_digits()               # grey levels 0..16 become 0..255
+    assert data.x.min() == 0 and data.x.max() == 255
+    assert torch.equal(data.x[:, 0], torch.from_numpy(np.rint(digits.images * 255 / 16).astype(np.uint8)))
+    assert data.labels.tolist() == digits.target.tolist()
+
+
+def test_digits_without_scikit_learn_name_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'sklearn', None)     # `import sklearn...` now raises ImportError
+    monkeypatch.setitem(sys.modules, 'sklearn.datasets', None)
+    with pytest.raises(UsageError, match='pip install scikit-learn'):
+        load_dataset('digits')
+
+
+def write_fake_mnist(root, n=5, seed=0):
+    """The four idx files torchvision's MNIST reads from <root>/MNIST/raw (big-endian header, then the bytes):
+    images: magic 0x00000803, n, 28, 28, uint8 pixels; labels: magic 0x00000801, n, uint8 labels."""
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+    for split in ('train', 't10k'):
+        (raw / f'{split}-images-idx3-ubyte').write_bytes(np.array([0x803, n, 28, 28], '>i4').tobytes() + images.tobytes())
+        (raw / f'{split}-labels-idx1-ubyte').write_bytes(np.array([0x801, n], '>i4').tobytes() + labels.tobytes())
+    return images, labels
+
+
+def test_mnist_is_read_from_torchvisions_idx_files_without_downloading(tmp_path, monkeypatch):
+    mnist = pytest.importorskip('torchvision.datasets.mnist')
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f'a download was attempted: {args}')
+    monkeypatch.setattr(mnist, 'download_and_extract_archive', no_download)
+    images, labels = write_fake_mnist(tmp_path)
+    data = load_dataset('mnist', data_dir=str(tmp_path))
+    assert data.kind == 'image' and data.x.dtype == torch.uint8 and data.x.shape == (5, 1, 28, 28)
+    assert torch.equal(data.x[:, 0], torch.from_numpy(images)) and data.labels.tolist() == labels.tolist()
+    assert load_dataset('mnist', data_dir=str(tmp_path), resolution=16).x.shape == (5, 1, 16, 16)
+
+
+def test_a_damaged_mnist_file_is_refused_by_folder(tmp_path):
+    pytest.importorskip('torchvision')
+    write_fake_mnist(tmp_path)
+    (tmp_path / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').write_bytes(b'not idx')
+    with pytest.raises(UsageError, match='cannot read MNIST'):
+        load_dataset('mnist', data_dir=str(tmp_path))
 
 
 def test_toys_are_standardised_to_sigma_d_and_reproducible():
@@ -150,8 +203,8 @@ def test_unreadable_or_empty_folders_are_refused(tmp_path):
 
 
 def test_unknown_names_and_missing_paths_name_the_value_and_what_is_accepted(tmp_path):
-    with pytest.raises(UsageError, match="unknown dataset 'mnist'.*cifar10.*moons"):
-        load_dataset('mnist')
+    with pytest.raises(UsageError, match="unknown dataset 'svhn'.*cifar10.*digits.*mnist.*moons"):
+        load_dataset('svhn')
     missing = str(tmp_path / 'missing.npy')
     with pytest.raises(UsageError, match='does not exist'):
         load_dataset(missing)

@@ -175,7 +175,7 @@ def test_bench_prints_one_json_line(capsys):
 # ---- bad input: one message naming the value and what is accepted; nothing written is damaged
 
 @pytest.mark.parametrize('flags, message', [
-    (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
+    (['--dataset', 'svhn'], "unknown dataset 'svhn'"),
     (['--dataset', 'missing.npy'], "'missing.npy' does not exist"),
     (['--batch', '30'], '--batch 30 must be divisible by M x ranks = 4 x 1'),
     (['--micro-batch', '12'], '--micro-batch 12: accepted'),
@@ -262,9 +262,9 @@ def settings(data, *flags, world=1):
     return train.resolve_settings(train.parse_args(['--dataset', data.name, *map(str, flags)]), data, world)
 
 
-def image_data(n=12, num_classes=3):
-    images = torch.randint(0, 256, (n, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    return Dataset('images', 'image', images, torch.arange(n) % num_classes, num_classes)
+def image_data(n=12, num_classes=3, side=4, name='images'):
+    images = torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return Dataset(name, 'image', images, torch.arange(n) % num_classes, num_classes)
 
 
 def test_settings_fill_the_data_kinds_defaults_and_keep_the_flags_given():
@@ -273,11 +273,28 @@ def test_settings_fill_the_data_kinds_defaults_and_keep_the_flags_given():
     assert (args.iters, args.batch, args.lr, args.model, args.out) == (6000, 512, 0.01, 'mlp', os.path.join('runs', 'moons'))
     assert cfg == IMMConfig(k=10) and M == 4 and micro == 'auto' and net_config['dim'] == 2 and net_config['hidden'] == 64
     assert settings(vectors, '--k', '15')[1].k == 15                     # a k given is kept
-    args, cfg, net_config, M, micro = settings(image_data(), '--cond', '--micro-batch', '8', '--model', 'tiny')
+    args, cfg, net_config, M, micro = settings(image_data(side=32), '--cond', '--micro-batch', '8', '--model', 'tiny')
     assert (args.iters, args.batch, args.ema, args.lr) == (400_000, 4096, 0.9999, 1e-4)
     assert cfg == IMMConfig()                                              # the paper's k = 15 for images
-    assert net_config['arch'] == 'unet' and net_config['img_resolution'] == 4 and net_config['num_classes'] == 3
+    assert net_config['arch'] == 'unet' and net_config['img_resolution'] == 32 and net_config['num_classes'] == 3
     assert micro == 8
+
+
+@pytest.mark.parametrize('side, name', [(4, 'images'), (8, 'digits'), (16, 'my_icons.npz')])
+def test_small_images_of_any_source_pick_the_small_image_defaults(side, name):
+    args, _, net_config, _, _ = settings(image_data(side=side, name=name))
+    small = train.DEFAULTS['small image']
+    assert {key: getattr(args, key) for key in small} == small and args.model == 'small' and not args.xflip
+    assert net_config['arch'] == 'unet' and net_config['img_resolution'] == side and net_config['in_channels'] == 3
+    args, *_ = settings(image_data(side=side, name=name), '--iters', '7', '--xflip')   # flags still win
+    assert args.iters == 7 and args.xflip
+
+
+@pytest.mark.parametrize('side, name', [(32, 'images'), (17, 'images'), (32, 'cifar10'), (16, 'cifar10')])
+def test_cifar10_and_larger_images_keep_the_papers_settings(side, name):
+    args, *_ = settings(image_data(side=side, name=name))
+    image = train.DEFAULTS['image']
+    assert {key: getattr(args, key) for key in image} == image and args.model == 'ddpmpp' and args.xflip
 
 
 def test_settings_do_not_change_the_parsed_flags():
@@ -346,3 +363,16 @@ def test_a_new_run_can_start_from_the_ema_of_another(tmp_path):
     assert second['step'] == 1 and second['net_config'] == first['net_config']
     assert all(torch.allclose(second['net'][k], v, atol=1e-6) for k, v in first['ema'].items())
     assert not all(torch.allclose(first['ema'][k], v, atol=1e-6) for k, v in first['net'].items())  # EMA, not net
+
+
+def test_a_few_steps_on_the_digits_train_the_small_unet_and_save_a_checkpoint(tmp_path):
+    pytest.importorskip('sklearn')
+    flags = ['--dataset', 'digits', '--iters', '2', '--batch', '16', '--channels', '16', '--out', tmp_path,
+             '--log-every', '1', '--sample-every', '2', '--device', 'cpu', '--cond']
+    assert train.main(list(map(str, flags))) == 0
+    ckpt = load(tmp_path / 'ckpt.pt')
+    assert ckpt['step'] == 2 and ckpt['data']['shape'] == [1, 8, 8] and ckpt['data']['num_classes'] == 10
+    assert ckpt['net_config']['arch'] == 'unet' and ckpt['net_config']['img_resolution'] == 8
+    assert ckpt['net_config']['in_channels'] == 1 and ckpt['net_config']['num_classes'] == 10
+    assert ckpt['args']['model'] == 'small' and ckpt['args']['xflip'] is False
+    assert sorted(os.listdir(tmp_path / 'samples')) == ['0000002-1step.png', '0000002-2step.png']
