@@ -243,11 +243,13 @@ def _fit_array(images, resolution):
     return out
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes one image file into (uint8 [3, R, R], error message or ''); a DataLoader runs it in workers."""
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes one image file into (uint8 [3, R, R], error message or ''); a DataLoader runs it in workers.
+    fit(rgb PIL image, R) crops and resizes it (to a PIL image or an array [R, R, 3]): _fit here, ADM's centre
+    crop in vae.py."""
 
-    def __init__(self, paths, resolution):
-        self.paths, self.resolution = paths, resolution
+    def __init__(self, paths, resolution, fit=None):
+        self.paths, self.resolution, self.fit = paths, resolution, fit or _fit
 
     def __len__(self):
         return len(self.paths)
@@ -255,7 +257,7 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as image:
-                image = _fit(image.convert('RGB'), self.resolution)
+                image = self.fit(image.convert('RGB'), self.resolution)
         except Exception as e:         # reported by the main process: a worker's exception carries a traceback
             return torch.zeros(3, self.resolution, self.resolution, dtype=torch.uint8), \
                 f"cannot read image {self.paths[i]!r} ({type(e).__name__}: {e})"
@@ -288,7 +290,7 @@ def _read_folder(folder, resolution, workers):
             resolution = first.size[0]
     if resolution < 1:
         raise UsageError(f"--resolution {resolution} must be a positive number of pixels")
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths, resolution), batch_size=256, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, resolution), batch_size=256, num_workers=workers)
     images = []
     for batch, errors in loader:
         if any(errors):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import UsageError, encode, image_files, to_uint8, write_atomically
+from data import ImageFiles, UsageError, encode, image_files, to_uint8, write_atomically
 
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 # The release's per-channel statistics of sd-vae-ft-ema's ImageNet latents (configs/im256_generate_images.yaml).
@@ -82,31 +82,12 @@ def center_crop(image, size):
     return array[top:top + size, left:left + size]
 
 
-class _CroppedImages(torch.utils.data.Dataset):
-    """Decodes one image file into (uint8 [3, size, size], error message or ''); a DataLoader runs it in workers."""
-
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.paths[i]) as image:
-                array = center_crop(image.convert('RGB'), self.size)
-        except Exception as e:  # reported by the main process: a worker's exception carries a traceback
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), \
-                f"cannot read image {self.paths[i]!r} ({type(e).__name__}: {e})"
-        return torch.from_numpy(array.transpose(2, 0, 1).copy()), ''
-
-
 def encode_folder(args):
     """The image folder -> the latent .npz described in the module docstring, with a progress line every 10 s."""
     paths, labels, classes = image_files(args.folder)
     device = torch.device(args.device)
     vae = load_vae(args.vae, device)
-    loader = torch.utils.data.DataLoader(_CroppedImages(paths, args.resolution), batch_size=args.batch,
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, args.resolution, center_crop), batch_size=args.batch,
                                          num_workers=args.workers)
     print(f"{args.folder}: {len(paths)} images, {len(classes) if classes else 'no'} classes -> {args.vae} on {device}",
           flush=True)

@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import model
 from data import UsageError
+from test_dit import random_net  # every weight random
 from test_latents import tiny_vae  # noqa: F401  (a fixture: a tiny random SD-VAE in a folder)
 
 COND_TINY = {**model.PRESETS['tiny'], 'num_classes': 10}
@@ -150,16 +151,6 @@ def write(monkeypatch):
             pickle.dump(dict(ema=obj, **more), f)
         return path
     return write
-
-
-def random_net(config, seed=0):
-    """Our net with every weight random (nothing zero), so every layer shows in the output."""
-    torch.manual_seed(seed)
-    net = model.build_net(config).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, p[0].numel() ** -0.5 if p.ndim > 1 else 0.2)
-    return net
 
 
 # ------------------------------------------------------------------------------------------------------- tests

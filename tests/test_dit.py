@@ -16,14 +16,19 @@ def _conditions(B):
     return torch.rand(B) * 1000, torch.rand(B) * 1000
 
 
-def random_dit(config=TINY, seed=0):
-    """A DiT with every weight random, the zero-initialised modulations and output layer included."""
+def random_net(config, seed=0):
+    """Our net with every weight random (nothing zero), so every layer shows in the output."""
     torch.manual_seed(seed)
     net = model.build_net(config).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, p[0].numel() ** -0.5 if p.ndim > 1 else 0.2)
     return net
+
+
+def random_dit(config=TINY, seed=0):
+    """A DiT with every weight random, the zero-initialised modulations and output layer included."""
+    return random_net(config, seed)
 
 
 @pytest.mark.parametrize('patch_size', [2, 4])
