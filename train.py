@@ -57,24 +57,33 @@ from model import PRESETS, build_net
 
 # Settings that depend on the kind of data. Images: the paper's CIFAR-10 run (spec section 7, Table 5).
 # Vectors (2-D toys): a 64-wide MLP on one CPU thread, 6000 steps, 1-2 minutes; k = 10, not the paper's 15, which
-# trains far slower at this budget, and EMA 0.99 (docs/experiments.md, "Toy defaults that differ from the paper").
+# trains far slower at this budget; EMA 0.99; and the paper's ImageNet parameterization euler_fm with eps = 0, not
+# CIFAR-10's simple_edm, which drew thin rings as a disk and spirals without arms (docs/experiments.md, "Toy
+# defaults that differ from the paper").
 # Latents (SD-VAE latents, vae.py): the paper's ImageNet-256 run (spec section 7, App. I), its best model (FID 1.99
 # at 8 steps): a = 2 with the second condition t - s, fp16 and r <= t - 1e-4 (App. I.6); the a = 1, s model is
 # --a 1 --second-time s --min-gap 0 --precision tf32. Class-conditional when the latents have labels.
 DEFAULTS = {
     'image': dict(model='ddpmpp', channels=None, iters=400_000, batch=4096, lr=1e-4, ema=0.9999,
                   log_every=100, ckpt_every=5000, sample_every=10_000, threads=0, xflip=True),
-    'vector': dict(model='mlp', channels=64, k=10, iters=6000, batch=512, lr=2e-3, ema=0.99,
-                   log_every=100, ckpt_every=1000, sample_every=1000, threads=1),
+    'vector': dict(model='mlp', channels=64, k=10, param='euler_fm', iters=6000, batch=512, lr=2e-3,
+                   ema=0.99, log_every=100, ckpt_every=1000, sample_every=1000, threads=1),
     'latent': dict(model='dit-xl2', channels=None, iters=1_200_000, batch=4096, lr=1e-4, ema=0.9999,
                    log_every=100, ckpt_every=5000, sample_every=10_000, threads=0,
-                   param='euler_fm', eps=0.0, k=12, a=2.0, b=4.0, second_time='t-s', min_gap=1e-4,
+                   param='euler_fm', k=12, a=2.0, b=4.0, second_time='t-s', min_gap=1e-4,
                    optimizer='adamw', precision='fp16', cond=True),
 }
 # Method, optimizer and precision settings of images and vectors alike (the paper's CIFAR-10 ones); a kind's
 # DEFAULTS entry replaces them (latents do; vectors take k = 10).
-METHOD_DEFAULTS = dict(param='simple_edm', eps=0.006, k=15, a=1.0, b=5.0, second_time='s', min_gap=0.0,
+METHOD_DEFAULTS = dict(param='simple_edm', k=15, a=1.0, b=5.0, second_time='s', min_gap=0.0,
                        optimizer='radam', precision='tf32', cond=False)
+
+
+def default_eps(param):
+    """--eps left out: the paper's pairing, 0 with euler_fm (ImageNet, App. I) and 0.006 otherwise (CIFAR-10,
+    Table 5; identity needs eps > 0). Any kind's default parameterization, or one given with --param, gets it."""
+    return 0.0 if param == 'euler_fm' else 0.006
+
 OPTIMIZERS = {'radam': torch.optim.RAdam, 'adamw': torch.optim.AdamW}   # both: betas (0.9, 0.999), eps 1e-8, no decay
 # Small images (a side of SMALL_IMAGE or less: the 8x8 digits, a user's own small set) on a CPU: a small U-Net,
 # ~5 minutes on 2 cores to recognisable digits at 1 and 2 steps (docs/experiments.md, "Digits"). k = 10: with the
@@ -124,7 +133,8 @@ def parse_args(argv=None):
     add('--particles', type=int, default=4, help='M, samples per group sharing (s, r, t); 1 = consistency training')
     add('--schedule', choices=['fm', 'cosine'], default='fm', help='noise schedule alpha_t, sigma_t (spec 2)')
     add('--param', choices=['simple_edm', 'euler_fm', 'identity'],
-        help='parameterization c_skip, c_out of f_{s,t} (spec 4; default: simple_edm, euler_fm for latents)')
+        help='parameterization c_skip, c_out of f_{s,t} (spec 4; default: simple_edm for images, euler_fm for '
+             'vectors and latents)')
     add('--k', type=int,
         help="r(s,t) steps eta by (eta_max - eta_min) / 2^k (default: the paper's 15 for images, 10 for small images "
              "and vectors, 12 for latents)")
@@ -132,7 +142,7 @@ def parse_args(argv=None):
     add('--b', type=float, help='time weighting sigmoid shift (Eq. 13; default: 5, 4 for latents)')
     add('--eps', type=float,
         help='smallest time, where sampling ends; 0 is allowed except with --param identity '
-             '(default: 0.006, 0 for latents)')
+             '(default: 0 with euler_fm, 0.006 otherwise)')
     add('--T', type=float, help='largest time, where sampling starts (default: 0.994 for fm, 0.996 for cosine)')
     add('--second-time', choices=['s', 't-s'],
         help='second network condition: 1000 s or 1000 (t - s) (default: s, t-s for latents)')
@@ -303,6 +313,8 @@ def resolve_settings(args, data, world, init_config=None):
     for key, value in {**METHOD_DEFAULTS, **DEFAULTS['small image' if small else data.kind]}.items():   # left to the data
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.eps is None:
+        args.eps = default_eps(args.param)
     if args.augment is None:                               # EDM's CIFAR-10 value, where the network can take it
         takes_labels = init_config is None or init_config.get('augment_dim', 0) == AUGMENT_DIM
         args.augment = AUGMENT_P if args.dataset == 'cifar10' and takes_labels else 0.0

@@ -135,13 +135,22 @@ def test_unlabelled_latents_train_unconditionally_and_flags_override_the_default
         train.resolve_settings(train.parse_args(['--dataset', 'x.npz', '--model', 'tiny', '--cond']), data, 1)
 
 
-def test_images_and_vectors_keep_radam_and_the_cifar10_method_settings():
+def test_images_and_vectors_keep_radam_and_the_cifar10_method_settings_but_vectors_use_euler_fm():
     for kind in ('image', 'vector'):
         settings = {**train.METHOD_DEFAULTS, **train.DEFAULTS[kind]}
-        assert (settings['optimizer'], settings['param'], settings['eps']) == ('radam', 'simple_edm', 0.006)
+        assert (settings['optimizer'], settings['precision'], settings['cond']) == ('radam', 'tf32', False)
         assert settings['k'] == {'image': 15, 'vector': 10}[kind]   # toys: k = 10 (docs/experiments.md)
         assert (settings['a'], settings['b'], settings['second_time'], settings['min_gap']) == (1.0, 5.0, 's', 0.0)
-        assert (settings['precision'], settings['cond']) == ('tf32', False)
+    # toys: the ImageNet parameterization (docs/experiments.md, "Toy defaults that differ from the paper")
+    assert train.METHOD_DEFAULTS['param'] == 'simple_edm' and train.DEFAULTS['vector']['param'] == 'euler_fm'
+
+
+@pytest.mark.parametrize('flags, param, eps', [
+    ([], 'euler_fm', 0.0), (['--param', 'identity'], 'identity', 0.006), (['--param', 'simple_edm'], 'simple_edm', 0.006),
+    (['--param', 'simple_edm', '--eps', '0'], 'simple_edm', 0.0), (['--eps', '0.01'], 'euler_fm', 0.01)])
+def test_eps_left_out_follows_the_parameterization_as_the_paper_pairs_them(flags, param, eps):
+    args, cfg = train.resolve_settings(train.parse_args(['--dataset', 'moons', *flags]), load_dataset('moons'), 1)[:2]
+    assert (cfg.param, cfg.eps, args.eps) == (param, eps, eps)
 
 
 def test_a_latent_run_refuses_what_needs_pixels(tmp_path):

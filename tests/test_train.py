@@ -49,7 +49,8 @@ def test_a_toy_run_writes_checkpoint_log_and_pictures(tmp_path):
     assert ckpt['args']['dataset'] == 'moons' and ckpt['args']['iters'] == 6 and json.dumps(ckpt['args'])
     assert ckpt['data'] == {'name': 'moons', 'kind': 'vector', 'shape': [2], 'num_classes': 2,
                             'mean': ckpt['data']['mean'], 'std': ckpt['data']['std']}
-    assert len(ckpt['data']['mean']) == 2 and IMMConfig(**ckpt['imm_config']) == IMMConfig(k=10)
+    assert len(ckpt['data']['mean']) == 2
+    assert IMMConfig(**ckpt['imm_config']) == IMMConfig(k=10, param='euler_fm', eps=0.0)
     net = build_net(ckpt['net_config'])            # what sample.py does
     net.load_state_dict(ckpt['ema'])
     net.load_state_dict(ckpt['net'])
@@ -271,7 +272,8 @@ def test_settings_fill_the_data_kinds_defaults_and_keep_the_flags_given():
     vectors = load_dataset('moons')
     args, cfg, net_config, M, micro = settings(vectors, '--lr', '0.01')
     assert (args.iters, args.batch, args.lr, args.model, args.out) == (6000, 512, 0.01, 'mlp', os.path.join('runs', 'moons'))
-    assert cfg == IMMConfig(k=10) and M == 4 and micro == 'auto' and net_config['dim'] == 2 and net_config['hidden'] == 64
+    assert cfg == IMMConfig(k=10, param='euler_fm', eps=0.0) and M == 4 and micro == 'auto'   # toys: docs/experiments.md
+    assert net_config['dim'] == 2 and net_config['hidden'] == 64
     assert settings(vectors, '--k', '15')[1].k == 15                     # a k given is kept
     args, cfg, net_config, M, micro = settings(image_data(side=32), '--cond', '--micro-batch', '8', '--model', 'tiny')
     assert (args.iters, args.batch, args.ema, args.lr) == (400_000, 4096, 0.9999, 1e-4)
