@@ -9,6 +9,7 @@ its pictures into --out (default: this folder):
     python docs/experiments.py params      # parameterization x schedule (paper Table 3) -> exp_params.png
     python docs/experiments.py toys --iters 20 --toys moons --out /tmp/x     # a smoke test, seconds
     python docs/experiments.py score runs/moons runs/spirals # a train.py run's EMA at 1 and 2 steps: one row each
+    python docs/experiments.py score runs/checkerboard --steps 1 2 4 8 32 --restart   # other step counts, sampler
 
 Units: the toys standardised per dimension to std sigma_d = 0.5 (data.load_dataset), the scale the method
 assumes. Distance: squared MMD with a Gaussian kernel of width WIDTH between EVAL_POINTS samples and as many
@@ -267,10 +268,13 @@ def run_params(args):
 
 
 def run_score(args):
-    """train.py runs (their EMA) at 1 and 2 steps against held-out points: a toy's fresh draw (held_out, seed 1000),
-    or --ref, an .npy of held-out points in the data's own units; then the floor, the data against itself.
-    With --picture, also a grid of the held-out data beside the 1- and 2-step samples, one row per run."""
-    lines = ['| run | MMD 1 step | MMD 2 steps | energy 1 step | energy 2 steps |', '|---|---|---|---|---|']
+    """train.py runs (their EMA) at --steps (default 1 and 2) against held-out points: a toy's fresh draw (held_out,
+    seed 1000), or --ref, an .npy of held-out points in the data's own units; then the floor, the data against
+    itself. --restart samples with the restart sampler (Algorithm 5) instead of pushing forward.
+    With --picture, also a grid of the held-out data beside the samples at each step count, one row per run."""
+    steps_list = args.steps
+    columns = [f'{name} {steps_label(steps)}' for name in ('MMD', 'energy') for steps in steps_list]
+    lines = ['| run | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
     floors, panels = [], []
     for run in args.runs:
         net, cfg, ckpt = checkpoint.load_for_sampling(checkpoint.file_of(run))
@@ -283,13 +287,17 @@ def run_score(args):
             points = [torch.from_numpy(data.make_toy(units['name'], EVAL_POINTS, seed=seed)[0]) for seed in (1000, 2000)]
         ref, other = ((p - mean) / std * data.SIGMA_D for p in points)
         noise = cfg.sigma_d * torch.randn(EVAL_POINTS, 2, generator=torch.Generator().manual_seed(10_000))
-        x = [imm.sample(net, noise, imm.sampling_times(steps, cfg), cfg).double() for steps in (1, 2)]
+        x = [imm.sample(net, noise, imm.sampling_times(steps, cfg), cfg, restart=args.restart,
+                        generator=torch.Generator().manual_seed(10_001)).double() for steps in steps_list]
         lines.append(f'| {run} | ' + ' | '.join(f'{1e3 * f(y, ref):.2f}' for f in (mmd2, energy_distance) for y in x) + ' |')
-        floors.append(f'{1e3 * mmd2(other, ref):.2f} | | {1e3 * energy_distance(other, ref):.2f} |')
+        blanks = [''] * (len(steps_list) - 1)   # the floor has no step count: under the first of each
+        floors.append(' | '.join([f'{1e3 * mmd2(other, ref):.2f}', *blanks, f'{1e3 * energy_distance(other, ref):.2f}',
+                                  *blanks]) + ' |')
         panels.append([scatter_image(y.float()) for y in (ref, *x)])
     if args.picture:
         save_grid(panels, [os.path.basename(os.path.normpath(run)) for run in args.runs],
-                  ['held-out data', 'IMM, 1 step', 'IMM, 2 steps'], os.path.join(args.out, args.picture))
+                  ['held-out data'] + [f'IMM, {steps_label(steps)}' + (' (restart)' if args.restart else '')
+                                       for steps in steps_list], os.path.join(args.out, args.picture))
     lines += [f'| floor of {run} (data vs data) | {floor}' for run, floor in zip(args.runs, floors)]
     return lines
 
@@ -299,7 +307,9 @@ def main(argv=None):
     p.add_argument('experiment', choices=['toys', 'particles', 'params', 'score'],
                    help='which table and pictures to make; score: a table of train.py runs (no pictures)')
     p.add_argument('runs', nargs='*', help='score: train.py output folders or checkpoints')
-    p.add_argument('--picture', help='score: also write this PNG (in --out) of data, 1- and 2-step samples per run')
+    p.add_argument('--picture', help='score: also write this PNG (in --out) of data and samples per run')
+    p.add_argument('--steps', type=int, nargs='+', default=[1, 2], help='score: step counts to sample (default: 1 2)')
+    p.add_argument('--restart', action='store_true', help='score: the restart sampler (Algorithm 5), not pushforward')
     p.add_argument('--ref', help='score: .npy of 2 x 4000 held-out points (reference, then floor) for runs on an '
                                '.npy, in its units (default: fresh draws of the toy)')
     p.add_argument('--iters', type=int, default=2000, help='training iterations of every run')
@@ -314,6 +324,8 @@ def main(argv=None):
     for name in ('iters', 'seeds', 'threads'):
         if getattr(args, name) < 1:
             p.error(f'--{name} {getattr(args, name)} must be at least 1')
+    if min(args.steps) < 1:
+        p.error(f'--steps {" ".join(map(str, args.steps))}: every step count must be at least 1')
     os.makedirs(args.out, exist_ok=True)
 
     start, threads = time.time(), torch.get_num_threads()

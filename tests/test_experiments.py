@@ -3,6 +3,7 @@ and its distance is zero for equal sets and grows as samples move away from the 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -41,3 +42,21 @@ def test_score_prints_one_row_per_train_py_run_and_its_floor(tmp_path, capsys, m
     assert all(float(v) >= 0 for v in rows[0].strip(' |').split(' | ')[1:])   # MMD and energy at 1 and 2 steps
     with Image.open(tmp_path / 'score.png') as picture:
         assert picture.size[0] > 3 * experiments.PANEL                          # data, 1 step, 2 steps
+
+
+def test_score_takes_other_step_counts_and_the_restart_sampler_and_refuses_zero_steps(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(experiments, 'EVAL_POINTS', 300)
+    run = tmp_path / 'moons'
+    assert train.main(['--dataset', 'moons', '--iters', '2', '--batch', '32', '--channels', '16', '--out', str(run),
+                       '--sample-every', '0', '--device', 'cpu']) == 0
+    rows = {}
+    for flags in ([], ['--restart']):
+        table = experiments.main(['score', str(run), '--steps', '1', '4', *flags, '--out', str(tmp_path)])
+        header, _, rows[bool(flags)], floor = table.splitlines()[:4]
+        assert header == '| run | MMD 1 step | MMD 4 steps | energy 1 step | energy 4 steps |'
+        assert len(floor.split('|')) == len(header.split('|')) and floor.startswith('| floor of')
+    one = [row.strip(' |').split(' | ')[1:] for row in (rows[False], rows[True])]
+    assert one[0][0] == one[1][0] and one[0][1] != one[1][1]     # 1 step: the same sample; 4 steps: another sampler
+    with pytest.raises(SystemExit):
+        experiments.main(['score', str(run), '--steps', '0'])
