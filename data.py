@@ -33,9 +33,11 @@ save_image_grid and save_scatter write the pictures that train.py and sample.py 
 draw_augment and apply_augment are EDM's non-leaking augmentation of image batches (the paper's CIFAR-10 recipe).
 """
 
+import contextlib
 import math
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,17 @@ ACCEPTED = "'cifar10', 'digits', 'mnist', a folder of images, a .npy/.npz file, 
 
 class UsageError(Exception):
     """Bad input from the user: the scripts print the message alone (no traceback) and exit."""
+
+
+@contextlib.contextmanager
+def exit_on_usage_error():
+    """Every script's entry point: a UsageError becomes one 'error: ...' line on stderr and exit code 2; anything
+    else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclass

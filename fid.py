@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import UsageError, write_atomically
+from data import UsageError, exit_on_usage_error, write_atomically
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
@@ -593,11 +593,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f'--batch must be at least 1, got {args.batch}')
-    try:
+    with exit_on_usage_error():  # bad input: one line, no traceback; anything else keeps its traceback
         run(args)
-    except UsageError as e:  # bad input: one line, no traceback; anything else is a bug and keeps its traceback
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 def run(args):

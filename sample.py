@@ -25,7 +25,6 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 import checkpoint
-from data import UsageError, decode, save_image_grid, save_scatter, write_atomically
+from data import UsageError, decode, exit_on_usage_error, save_image_grid, save_scatter, write_atomically
 from vae import DEFAULT_VAE, decode_latents, load_vae
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
@@ -262,11 +261,8 @@ def main(argv=None):
     add('--model', help=f'with --bench and no --ckpt: time a fresh net of this preset ({", ".join(PRESETS)})')
     add('--bench-batches', type=int, default=10, help='timed batches for --bench (after 2 warm-up batches)')
     args = p.parse_args(argv)
-    try:
+    with exit_on_usage_error():
         run(args)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
 from data import (AUGMENT_DIM, AUGMENT_P, SIGMA_D, Dataset, UsageError, apply_augment, decode, draw_augment, encode,
-                  load_dataset, save_image_grid, save_scatter, to_uint8)
+                  exit_on_usage_error, load_dataset, save_image_grid, save_scatter, to_uint8)
 from imm import IMMConfig, draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import PRESETS, build_net
 
@@ -787,8 +787,5 @@ def report_bench(run, compiled, step_s):
 
 
 if __name__ == '__main__':
-    try:
+    with exit_on_usage_error():
         sys.exit(main())
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

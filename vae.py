@@ -22,14 +22,13 @@ its mean, so the data is one fixed array. Written atomically: an interrupted run
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data import ImageFiles, UsageError, encode, image_files, to_uint8, write_atomically
+from data import ImageFiles, UsageError, encode, exit_on_usage_error, image_files, to_uint8, write_atomically
 
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 # The release's per-channel statistics of sd-vae-ft-ema's ImageNet latents (configs/im256_generate_images.yaml).
@@ -126,7 +125,7 @@ def main(argv=None):
     add('--workers', type=int, default=min(8, os.cpu_count() or 1), help='processes that decode the images')
     add('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where the VAE runs')
     args = p.parse_args(argv)
-    try:
+    with exit_on_usage_error():
         if not args.out.endswith('.npz'):
             raise UsageError(f'--out {args.out}: must end in .npz')
         if args.resolution < 8 or args.resolution % 8 or args.batch < 1:
@@ -135,9 +134,6 @@ def main(argv=None):
         if not os.path.isdir(args.folder):
             raise UsageError(f'{args.folder}: no such folder of images')
         encode_folder(args)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':
