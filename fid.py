@@ -593,7 +593,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f'--batch must be at least 1, got {args.batch}')
-    with exit_on_usage_error():  # bad input: one line, no traceback; anything else keeps its traceback
+    with exit_on_usage_error():
         run(args)
 
 

@@ -74,7 +74,7 @@ DEFAULTS = {
                    optimizer='adamw', precision='fp16', cond=True),
 }
 # Method, optimizer and precision settings of images and vectors alike (the paper's CIFAR-10 ones); a kind's
-# DEFAULTS entry replaces them (latents do; vectors take k = 10).
+# DEFAULTS entry replaces them (latents do; vectors take k = 10 and euler_fm). eps follows the parameterization.
 METHOD_DEFAULTS = dict(param='simple_edm', k=15, a=1.0, b=5.0, second_time='s', min_gap=0.0,
                        optimizer='radam', precision='tf32', cond=False)
 
@@ -83,6 +83,7 @@ def default_eps(param):
     """--eps left out: the paper's pairing, 0 with euler_fm (ImageNet, App. I) and 0.006 otherwise (CIFAR-10,
     Table 5; identity needs eps > 0). Any kind's default parameterization, or one given with --param, gets it."""
     return 0.0 if param == 'euler_fm' else 0.006
+
 
 OPTIMIZERS = {'radam': torch.optim.RAdam, 'adamw': torch.optim.AdamW}   # both: betas (0.9, 0.999), eps 1e-8, no decay
 # Small images (a side of SMALL_IMAGE or less: the 8x8 digits, a user's own small set) on a CPU: a small U-Net,
