@@ -3,7 +3,7 @@
 Papers (IMM, EDM, consistency models) report FID-50k: 50,000 generated images against the
 statistics of the 50,000 CIFAR-10 training images, both seen through the 2048-d pool features of
 the TensorFlow Inception-v3 "2015-12-05" network. A FID is only comparable to theirs when every
-step matches the TensorFlow original, so this file writes each step out (spec section 8):
+step matches the TensorFlow original, so this file writes each step out (docs/fid.md):
   1. uint8 images, resized to 299 x 299 with TensorFlow 1's bilinear rule, then (x - 128) / 128;
   2. the FID Inception-v3, which differs from torchvision's model in its pooling (see MixedA, MixedE);
   3. mean and unbiased covariance of the features, accumulated in float64;
@@ -41,12 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import UsageError, exit_on_usage_error, write_atomically
+from data import IMAGE_SUFFIXES, load_dataset
+from util import UsageError, exit_on_usage_error, write_atomically
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
 PAPER_N = 50_000  # papers report FID-50k; fewer samples bias FID upwards
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 # ----------------------------------------------------------------------------------------------
 # 1. Input: exactly what the TensorFlow graph does to an uint8 image before its first convolution.
@@ -618,7 +618,6 @@ def run(args):
     if os.path.exists(args.dataset):  # ref from an .npz of samples or a folder of images
         total, batches = read_images(args.dataset, args.batch)
     else:
-        from data import load_dataset
         x = load_dataset(args.dataset, data_dir=args.data_dir).x
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise UsageError(f'dataset {args.dataset!r} holds {x.dtype} {list(x.shape)}, not uint8 images '

@@ -1,8 +1,8 @@
 """Inductive Moment Matching (Zhou, Ermon, Song, ICML 2025), the method in one file.
 
-Read top to bottom, next to the paper and ../shared/IMM-SPEC.md (section numbers below are the spec's):
-schedules (2) -> DDIM interpolant (3) -> the one-step map f_{s,t} (4) -> mapping r(s,t) (5.2) ->
-kernel and weighting (5.5-5.7) -> the loss (5, Eq. 12) -> samplers (6).
+Read top to bottom, next to the paper and docs/method.md (section numbers below are that page's, which states
+every formula with the paper's equation numbers): schedules (1) -> DDIM interpolant (2) -> the one-step map
+f_{s,t} (3) -> mapping r(s,t) (4.2) -> kernel and weighting (4.3-4.4) -> the loss (4, Eq. 12) -> samplers (5).
 
 The backbone is not here: model.py maps (x, c_noise_t, c_noise_s, labels) -> tensor and knows nothing of IMM.
 Functions that compute take their random inputs as arguments (x, noise, t, s), so a test can pin them;
@@ -32,11 +32,11 @@ SECOND_TIMES = ('s', 't-s')
 
 @dataclass
 class IMMConfig:
-    """Every setting of the method. Defaults are the paper's CIFAR-10 ones (spec section 7, paper Table 5)."""
-    schedule: str = 'fm'          # 'fm' (OT flow matching) or 'cosine' (spec 2)
-    param: str = 'simple_edm'     # parameterization of f_{s,t}: 'simple_edm', 'euler_fm' or 'identity' (spec 4)
-    particles: int = 4            # M: samples per group that share (s, r, t) in the MMD (spec 5)
-    k: int = 15                   # mapping r(s,t): eta step d = (eta_max - eta_min) / 2^k (spec 5.2)
+    """Every setting of the method. Defaults are the paper's CIFAR-10 ones (paper Table 5; docs/method.md section 6)."""
+    schedule: str = 'fm'          # 'fm' (OT flow matching) or 'cosine' (Sec. 4.2)
+    param: str = 'simple_edm'     # parameterization of f_{s,t}: 'simple_edm', 'euler_fm' or 'identity' (Sec. 4.2)
+    particles: int = 4            # M: samples per group that share (s, r, t) in the MMD (Eq. 12)
+    k: int = 15                   # mapping r(s,t): eta step d = (eta_max - eta_min) / 2^k (App. C.6)
     a: float = 1.0                # time weighting exponent on alpha_t (Eq. 13)
     b: float = 5.0                # time weighting sigmoid shift (Eq. 13)
     eps: float = 0.006            # smallest time (end of sampling)
@@ -75,10 +75,10 @@ def _per_sample(c, x):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Schedules: x_t = alpha_t x + sigma_t eps (paper Sec. 4.2)
+# 1. Schedules: x_t = alpha_t x + sigma_t eps (paper Sec. 4.2)
 
 def alpha_sigma(t, cfg):
-    """(alpha_t, sigma_t) of the schedule (spec 2): fm = (1 - t, t); cosine = (cos(pi t/2), sin(pi t/2))."""
+    """(alpha_t, sigma_t) of the schedule (Sec. 4.2): fm = (1 - t, t); cosine = (cos(pi t/2), sin(pi t/2))."""
     t = _f64(t)
     if cfg.schedule == 'fm':
         return 1 - t, t
@@ -86,30 +86,30 @@ def alpha_sigma(t, cfg):
 
 
 def eta(t, cfg):
-    """eta_t = sigma_t / alpha_t (spec 2), the noise-to-signal ratio that r(s,t) steps in."""
+    """eta_t = sigma_t / alpha_t (Sec. 4.2), the noise-to-signal ratio that r(s,t) steps in."""
     t = _f64(t)
     return t / (1 - t) if cfg.schedule == 'fm' else torch.tan(math.pi / 2 * t)
 
 
 def eta_inverse(n, cfg):
-    """t such that eta_t = n (spec 2): fm n/(1+n); cosine (2/pi) atan(n)."""
+    """t such that eta_t = n: fm n/(1+n); cosine (2/pi) atan(n)."""
     n = _f64(n)
     return n / (1 + n) if cfg.schedule == 'fm' else 2 / math.pi * torch.atan(n)
 
 
 def logsnr(t, cfg):
-    """lambda_t = log(alpha_t^2 / sigma_t^2) = -2 log(eta_t) (spec 2)."""
+    """lambda_t = log(alpha_t^2 / sigma_t^2) = -2 log(eta_t)."""
     return -2 * torch.log(eta(t, cfg))
 
 
 def dlogsnr_dt(t, cfg):
-    """d(lambda_t)/dt in closed form (spec 2 table, negated): fm -2/(t(1-t)); cosine -2 pi / sin(pi t)."""
+    """d(lambda_t)/dt in closed form (docs/method.md section 1): fm -2/(t(1-t)); cosine -2 pi / sin(pi t)."""
     t = _f64(t)
     return -2 / (t * (1 - t)) if cfg.schedule == 'fm' else -2 * math.pi / torch.sin(math.pi * t)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. DDIM interpolant (Eq. 11)
+# 2. DDIM interpolant (Eq. 11)
 
 def ddim(x_t, x, t, s, cfg):
     """DDIM(x_t, x, t, s) (Eq. 11): the point at time s on the deterministic path through x_t ending at clean x.
@@ -123,10 +123,10 @@ def ddim(x_t, x, t, s, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The one-step map f_{s,t}(x_t) = c_skip x_t + c_out G(c_in x_t, c_noise(t), c_noise(s)) (App. C.5)
+# 3. The one-step map f_{s,t}(x_t) = c_skip x_t + c_out G(c_in x_t, c_noise(t), c_noise(s)) (App. C.5)
 
 def c_skip_out(s, t, cfg):
-    """(c_skip(s,t), c_out(s,t)) of the parameterization (spec 4 table); c_skip = 1, c_out = 0 at s = t."""
+    """(c_skip(s,t), c_out(s,t)) of the parameterization (docs/method.md section 3); c_skip = 1, c_out = 0 at s = t."""
     s, t = _f64(s), _f64(t)
     alpha_t, sigma_t = alpha_sigma(t, cfg)
     alpha_s, sigma_s = alpha_sigma(s, cfg)
@@ -140,13 +140,13 @@ def c_skip_out(s, t, cfg):
 
 
 def c_in(t, cfg):
-    """Input scale 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)) (App. C.5; spec 4 resolves the Sec. 4.2 typo)."""
+    """Input scale 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)) (App. C.5; Sec. 4.2 prints a typo, docs/method.md section 3)."""
     alpha_t, sigma_t = alpha_sigma(t, cfg)
     return 1 / (cfg.sigma_d * torch.sqrt(alpha_t ** 2 + sigma_t ** 2))
 
 
 def one_step(net, x_t, s, t, cfg, labels=None, guidance=1.0, augment_labels=None):
-    """f_{s,t}(x_t), the network's jump from time t to time s < t (spec 4; Eq. 14 for guidance).
+    """f_{s,t}(x_t), the network's jump from time t to time s < t (Sec. 4.2; Eq. 14 for guidance).
 
     s, t: floats or [B] tensors. Conditions: c_noise(t) = 1000 t and 1000 s (or 1000 (t - s), cfg.second_time).
     With guidance w != 1, G_w = w G(labels) + (1 - w) G(null class), both halves in one batched call (Eq. 14).
@@ -173,7 +173,7 @@ def one_step(net, x_t, s, t, cfg, labels=None, guidance=1.0, augment_labels=None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.2 The mapping r(s,t): a slightly earlier time than t, a fixed step in eta (Sec. 4.2, App. C.6)
+# 4.2 The mapping r(s,t): a slightly earlier time than t, a fixed step in eta (Sec. 4.2, App. C.6)
 
 def mapping_r(s, t, cfg):
     """r(s,t) = max(s, min(t - min_gap, eta^-1(max(eta_t - d, eta_min)))), d = (eta_max - eta_min) / 2^k.
@@ -188,7 +188,7 @@ def mapping_r(s, t, cfg):
 
 
 def draw_times(num_groups, cfg, generator=None, device=None):
-    """One (t, s) per group: t ~ U(eps, T), s ~ U(eps, t) (spec 5.1; Algorithm 1). float64 [num_groups] each."""
+    """One (t, s) per group: t ~ U(eps, T), s ~ U(eps, t) (Algorithm 1; App. C.7). float64 [num_groups] each."""
     u = torch.rand(2, num_groups, generator=generator, device=device, dtype=torch.float64)
     t = cfg.eps + (cfg.T - cfg.eps) * u[0]
     s = cfg.eps + (t - cfg.eps) * u[1]
@@ -196,15 +196,15 @@ def draw_times(num_groups, cfg, generator=None, device=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.5-5.7 Laplace kernel, MMD and time weighting
+# 4.3-4.4 Laplace kernel, MMD and time weighting
 
 def kernel_weight(s, t, cfg):
-    """w~(s,t) = 1 / |c_out(s,t)| of the parameterization in use (spec 5.5): the kernel's scale tracks the jump."""
+    """w~(s,t) = 1 / |c_out(s,t)| of the parameterization in use (docs/method.md section 4.3): the kernel's scale tracks the jump."""
     return 1 / c_skip_out(s, t, cfg)[1].abs()
 
 
 def laplace_mmd(y_t, y_r, w_kernel):
-    """Per-group MMD^2 V-statistic, diagonal included (spec 5.5-5.6), with k(u, v) = exp(-w~ max(|u-v|, 1e-8) / D).
+    """Per-group MMD^2 V-statistic, diagonal included (Eq. 12), with k(u, v) = exp(-w~ max(|u-v|, 1e-8) / D).
 
     y_t, y_r: [G, M, ...] particles; w_kernel: [G]. Returns [G]. Distances are computed exactly (no |u|^2 + |v|^2
     - 2uv shortcut, which loses the small distances that matter when r is close to t), in fp32 at least.
@@ -222,7 +222,7 @@ def weighting(t, cfg):
     """w(s,t) = 0.5 sigmoid(b - lambda_t) (-d lambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2) (Eq. 13).
 
     For fm, 0.5 sigmoid(b - lambda)(-lambda') is evaluated in the stable closed form
-    t / ((1 - t)(t^2 + e^-b (1 - t)^2)) (spec 5.7); it depends on t only.
+    t / ((1 - t)(t^2 + e^-b (1 - t)^2)) (docs/method.md section 4.4); it depends on t only.
     """
     t = _f64(t)
     alpha_t, sigma_t = alpha_sigma(t, cfg)
@@ -234,10 +234,10 @@ def weighting(t, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. The training objective (Eq. 12 with the weighting of Eq. 13; Algorithm 1)
+# 4. The training objective (Eq. 12 with the weighting of Eq. 13; Algorithm 1)
 
 def imm_loss(net, x, noise, t, s, cfg, labels=None, augment_labels=None):
-    """The IMM loss for B samples in B/M groups of M particles sharing (s, r, t) (spec 5, Eq. 12).
+    """The IMM loss for B samples in B/M groups of M particles sharing (s, r, t) (Eq. 12, Algorithm 1).
 
     x, noise: [B, ...] (noise already scaled by sigma_d); t, s: [B // M], one per group; group g holds rows
     g*M .. g*M + M - 1. Two forward passes: y_t = f_{s,t}(x_t) with gradient, and the target y_r = f_{s,r}(x_r)
@@ -253,7 +253,7 @@ def imm_loss(net, x, noise, t, s, cfg, labels=None, augment_labels=None):
     t_i, s_i, r_i = (v.repeat_interleave(M) for v in (t, s, r))  # per-sample times
     alpha_t, sigma_t = alpha_sigma(t_i, cfg)
     x_t = _per_sample(alpha_t, x) * x + _per_sample(sigma_t, x) * noise
-    x_r = ddim(x_t, x, t_i, r_i, cfg)  # same x and noise: "re-using x_t" (spec 5.3)
+    x_r = ddim(x_t, x, t_i, r_i, cfg)  # same x and noise: "re-using x_t" (docs/method.md section 4.1)
 
     # Target pass first, inside fork_rng, so the gradient pass below replays the same random stream and draws
     # the same dropout mask. Stop-gradient with the online weights; fp32 keeps the target sharp (App. I.6).
@@ -286,10 +286,10 @@ def fm_loss(net, x, noise, t, cfg, labels=None, augment_labels=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. Sampling (Sec. 4.3, App. F; Algorithms 2 and 5)
+# 5. Sampling (Sec. 4.3, App. F; Algorithms 2 and 5)
 
 def sampling_times(steps, cfg):
-    """Default grid T = t_N > ... > t_0 = eps (spec 6): 1 step [T, eps]; 2 steps [T, t1, eps] with eta(t1) = 1.4;
+    """Default grid T = t_N > ... > t_0 = eps (Sec. 4.3): 1 step [T, eps]; 2 steps [T, t1, eps] with eta(t1) = 1.4;
     3 or more uniform in t."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
@@ -302,7 +302,7 @@ def sampling_times(steps, cfg):
 
 @torch.no_grad()
 def sample(net, noise, times, cfg, labels=None, guidance=1.0, restart=False, generator=None, denoiser=False):
-    """Few-step sampling from x_{t_N} = noise (already scaled by sigma_d) down to t_0 = times[-1] (spec 6).
+    """Few-step sampling from x_{t_N} = noise (already scaled by sigma_d) down to t_0 = times[-1] (Sec. 4.3).
 
     Pushforward (default, Algorithm 2): x_{t_{i-1}} = f_{t_{i-1}, t_i}(x_{t_i}).
     Restart (Algorithm 5): jump to the end, x_end = f_{t_0, t_i}(x_{t_i}), then re-noise it to t_{i-1} with
@@ -319,7 +319,8 @@ def sample(net, noise, times, cfg, labels=None, guidance=1.0, restart=False, gen
             return ddim(x, one_step(net, x, 0.0, t, cfg, labels, guidance).to(x.dtype), t, s, cfg)
         return one_step(net, x, s, t, cfg, labels, guidance).to(x.dtype)
 
-    wide = any(p.dtype == torch.float64 for p in getattr(net, 'parameters', list)())
+    # A float64 network keeps the state in float64; a plain function (not an nn.Module, as in tests) runs in fp32.
+    wide = isinstance(net, torch.nn.Module) and any(p.dtype == torch.float64 for p in net.parameters())
     x, t_end = noise.to(torch.float64 if wide else torch.float32), times[-1]
     for t_cur, t_next in zip(times[:-1], times[1:]):
         if restart and t_next != t_end:

@@ -9,7 +9,7 @@ augment_labels ([B, augment_dim] floats, None = zeros) describe an EDM augmentat
 
 `UNet` computes exactly the network of the authors' CIFAR-10 release (lumalabs/imm: EDM's `SongUNet` as DDPM++,
 `s_embed=True`, configs/cifar10_generate_images.yaml): for the same weights the same function, to float32
-rounding. Checked by loading a network built from the authors' own code through checkpoint.load_authors_pickle
+rounding. Checked by loading a network built from the authors' own code through authors.load_pickle
 and comparing outputs (docs/walkthrough.md, "Where our network equals the authors'"; tests/test_authors.py).
 Its conditioning, in their order: the sinusoidal embedding of c_noise_t (as [sin, cos]) plus a linear map of
 the scaled one-hot label (the null class is the all-zero vector) plus a linear map of the augmentation labels
@@ -23,7 +23,7 @@ The MLP keeps PyTorch's default initialisation throughout, its output layer incl
 `DiT` computes exactly the network of the authors' ImageNet release (lumalabs/imm training/dit.py: Peebles & Xie's
 DiT with `s_embed=True`, configs/im256_generate_images.yaml): for the same weights the same function, bit for bit
 in float32 and float64 on CPU. Checked by loading a network built from the authors' own code (random weights, the
-zero-initialised layers too) through checkpoint.load_authors_pickle and comparing outputs, f_{s,t} and 1-4 step
+zero-initialised layers too) through authors.load_pickle and comparing outputs, f_{s,t} and 1-4 step
 samples with guidance (docs/walkthrough.md, section 9; tests/test_authors.py). Its conditioning is
 emb = MLP_t(DiT sinusoids of c_noise_t) + MLP_s(... of c_noise_s) + a learned row per class (row num_classes: the
 null class); each block and the final layer read shift/scale/gate from SiLU(emb) (adaLN-Zero). Initialisation is
@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRESETS = {
-    # DDPM++ as in the paper's CIFAR-10 run (spec section 7; EDM's SongUNet 'ddpmpp' layout).
+    # DDPM++ as in the paper's CIFAR-10 run (Table 5; EDM's SongUNet 'ddpmpp' layout).
     'ddpmpp': dict(arch='unet', img_resolution=32, in_channels=3, model_channels=128, channel_mult=[2, 2, 2],
                    num_blocks=4, attn_resolutions=[16], dropout=0.2, num_classes=0, augment_dim=0),
     # The same layout, small enough for CPU tests (two levels, one block each).
@@ -55,7 +55,7 @@ PRESETS = {
                   num_blocks=1, attn_resolutions=[], dropout=0.0, num_classes=0, augment_dim=0),
     # 2-D toys.
     'mlp': dict(arch='mlp', dim=2, hidden=256, depth=4, dropout=0.0, num_classes=0),
-    # DiT sizes S/B/L/XL, patch 2 or 4, for ImageNet 256 as 32x32x4 SD-VAE latents (spec section 7; XL/2 is the
+    # DiT sizes S/B/L/XL, patch 2 or 4, for ImageNet 256 as 32x32x4 SD-VAE latents (App. I; XL/2 is the
     # paper's model). Sizes as in Peebles & Xie, Table 1: (hidden_size, depth, num_heads).
     **{f'dit-{size}{patch}': dict(arch='dit', img_resolution=32, in_channels=4, patch_size=patch, hidden_size=hidden,
                                   depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000, dropout=0.0)
@@ -183,7 +183,7 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM++ U-Net (the paper's CIFAR-10 backbone, spec section 7) with IMM's second time condition: the
+    """DDPM++ U-Net (the paper's CIFAR-10 backbone, Table 5) with IMM's second time condition: the
     authors' SongUNet (module docstring)."""
 
     def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),

@@ -1,6 +1,6 @@
 """
 Draw samples from a trained IMM checkpoint: a few applications of the one-step map f_{s,t}, from noise
-at t = T down to data at t = eps (paper Sec. 4.3, Algorithm 2; IMM-SPEC.md section 6).
+at t = T down to data at t = eps (paper Sec. 4.3, Algorithm 2; docs/method.md section 5).
 
     python sample.py --steps 2                  # newest runs/*/ckpt.pt -> samples.npz + samples.png beside it
     python sample.py --ckpt runs/cifar10/ckpt.pt --steps 1 --n 50000 --out fid/imm-1step.npz   # for FID
@@ -26,16 +26,17 @@ import json
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import checkpoint
-from data import UsageError, decode, exit_on_usage_error, save_image_grid, save_scatter, write_atomically
-from vae import DEFAULT_VAE, decode_latents, load_vae
+from authors import DEFAULT_VAE
+from data import decode, save_image_grid, save_scatter
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
+from util import UsageError, exit_on_usage_error, write_atomically
+from vae import decode_latents, load_vae
 
 GRID = 64  # images shown in the PNG; all samples go to the .npz
 
@@ -85,8 +86,6 @@ def generate(net, cfg, times, data, n, fm, device, autocast, args, vae=None):
     """n samples, batch by batch, decoded: {'arr_0': uint8 NHWC images (latents: through vae) or float32 [n, D]
     vectors, 'arr_1': int64 labels of a class-conditional net}."""
     num_classes, shape = net.num_classes, list(data['shape'])
-    as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float32)
-    units = SimpleNamespace(kind=data['kind'], mean=as_tensor(data['mean']), std=as_tensor(data['std']))  # for decode
     net = prepare(net, device, args)
     noise_generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise on every device
     restart_generator = torch.Generator(device).manual_seed(args.seed + 1) if args.restart else None
@@ -102,7 +101,7 @@ def generate(net, cfg, times, data, n, fm, device, autocast, args, vae=None):
         with autocast:
             x = sample(net, noise, times, cfg, labels=None if labels is None else labels.to(device),
                        guidance=args.guidance, restart=args.restart, generator=restart_generator, denoiser=fm)
-        x = decode(x, units)  # uint8 NHWC images, vectors or raw latents with the normalisation undone
+        x = decode(x, data['kind'], data['mean'], data['std'])  # uint8 NHWC images, vectors or raw latents with the normalisation undone
         samples.append(decode_latents(vae, x) if vae is not None else x)
         if labels is not None:
             labels_all.append(labels.numpy())
@@ -234,7 +233,8 @@ def run(args):
     print(f"wrote {out} ({described}){f' and {png}' if png else ''}")
 
 
-def main(argv=None):
+def parser():
+    """sample.py's flags (the README's flag table is rendered from this parser)."""
     p = argparse.ArgumentParser(description='Sample from an IMM checkpoint (or benchmark the sampler).')
     add = p.add_argument
     add('--ckpt', help="checkpoint file or run folder, or the authors' released cifar10.pt "
@@ -260,7 +260,11 @@ def main(argv=None):
     add('--bench', action='store_true', help='time the sampler on synthetic noise, print one JSON line, write nothing')
     add('--model', help=f'with --bench and no --ckpt: time a fresh net of this preset ({", ".join(PRESETS)})')
     add('--bench-batches', type=int, default=10, help='timed batches for --bench (after 2 warm-up batches)')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with exit_on_usage_error():
         run(args)
 

@@ -1,6 +1,6 @@
 """
-The Stable Diffusion VAE between images and latents, for the paper's ImageNet-256 model (App. I, spec section 7):
-the IMM network is trained on VAE latents, so images are encoded once, here, into the latent .npz that train.py
+The Stable Diffusion VAE between images and latents, for the paper's ImageNet-256 model (App. I; docs/method.md,
+section 6): the IMM network is trained on VAE latents, so images are encoded once, here, into the latent .npz that train.py
 reads (data.py, kind 'latent'), and sample.py decodes the sampled latents back to images with decode_latents.
 
     python vae.py data/imagenet/train --out data/imagenet-latents.npz      # ImageNet's train layout: 1.28M images
@@ -28,12 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import ImageFiles, UsageError, encode, exit_on_usage_error, image_files, to_uint8, write_atomically
-
-DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
-# The release's per-channel statistics of sd-vae-ft-ema's ImageNet latents (configs/im256_generate_images.yaml).
-IMAGENET_LATENT_MEAN = [0.86488, -0.27787343, 0.21616915, 0.3738409]
-IMAGENET_LATENT_STD = [4.85503674, 5.31922414, 3.93725398, 3.9870003]
+from authors import DEFAULT_VAE, IMAGENET_LATENT_MEAN, IMAGENET_LATENT_STD
+from data import ImageFiles, encode, image_files, to_uint8
+from util import UsageError, exit_on_usage_error, write_atomically
 
 
 def load_vae(name, device):

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import checkpoint  # noqa: E402
 import fid  # noqa: E402
 import train  # noqa: E402
-from data import UsageError, exit_on_usage_error, load_dataset, to_uint8  # noqa: E402
+from data import load_dataset, to_uint8  # noqa: E402
+from util import UsageError, exit_on_usage_error  # noqa: E402
 from imm import sample, sampling_times  # noqa: E402
 
 METHODS = {'imm': ('IMM, M = 4', []), 'imm-m1': ('IMM, M = 1', ['--particles', '1']),

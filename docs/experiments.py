@@ -35,15 +35,15 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import imm  # noqa: E402
 import model  # noqa: E402
-from train import DEFAULTS, default_eps  # noqa: E402
+import settings  # noqa: E402
 
 NET = dict(arch='mlp', dim=2, hidden=64, depth=3)   # wider nets were slower and no better at this budget
 BATCH = 1024           # points per step for every method (M = 4: 256 groups; M = 1: 1024 groups of one)
 LR = 1e-3              # RAdam, betas (0.9, 0.999) as the paper; 3e-3 was worse in a pilot
 EMA = 0.99             # decay of the sampling weights; 0.999 still remembers the first steps after 2k steps
 K = 10                 # mapping k of the toys and params runs, not CIFAR-10's 15: see the particles table
-PARAM = DEFAULTS['vector']['param']   # train.py's 2-D parameterization, euler_fm, with its eps (0)
-METHOD = dict(param=PARAM, eps=default_eps(PARAM))
+PARAM = settings.defaults('vector')['param']   # train.py's 2-D parameterization, euler_fm, with its eps (0)
+METHOD = dict(param=PARAM, eps=settings.EPS.cases.get(PARAM, settings.EPS.otherwise))
 WIDTH = 0.1            # Gaussian kernel width of the distance, standardised units
 EVAL_POINTS = 4000     # generated and held-out points per distance
 EXTENT = (-1.6, 1.6)   # plotted range, standardised units, both axes

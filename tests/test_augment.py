@@ -1,4 +1,4 @@
-"""EDM's non-leaking augmentation in data.py as a specification: what each transform does to an image, what the
+"""EDM's non-leaking augmentation in augment.py as a specification: what each transform does to an image, what the
 augmentation labels say about it, and how the draws stay the same across seeds, resumes and ranks."""
 import math
 import sys
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repository root
 
-from data import (AUGMENT_DIM, AUGMENT_P, UsageError, apply_augment, draw_augment)  # noqa: E402
+from augment import AUGMENT_DIM, AUGMENT_P, apply_augment, draw_augment  # noqa: E402
+from util import UsageError  # noqa: E402
 
 
 def images(n=4, size=16, seed=0):

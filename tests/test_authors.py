@@ -1,4 +1,4 @@
-"""checkpoint.load_authors_pickle: the authors' released pickle (lumalabs/imm) is read as data, never run, and
+"""authors.load_pickle: the authors' released pickle (lumalabs/imm) is read as data, never run, and
 becomes our UNet computing the same function.
 
 The files here are written by this test in the authors' on-disk layout, as their torch_utils/persistence.py
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+import authors
 import checkpoint
 import model
-from data import UsageError
+from util import UsageError
 from test_dit import random_net  # every weight random
 from test_latents import tiny_vae  # noqa: F401  (a fixture: a tiny random SD-VAE in a folder)
 
@@ -158,7 +159,7 @@ def write(monkeypatch):
 def test_their_pickle_becomes_our_unet_computing_the_same_function(write, tmp_path):
     net = random_net(COND_TINY)
     path = write(tmp_path / 'cifar10.pt', authors_precond(net))
-    loaded, cfg, info = checkpoint.load_authors_pickle(path)
+    loaded, cfg, info = authors.load_pickle(path)
     assert loaded.config == net.config and info['dtypes'] == ['torch.float32']
     x, c_t, c_s = torch.randn(3, 3, 32, 32), torch.tensor([994., 500., 20.]), torch.tensor([6., 300., 19.])
     labels = torch.tensor([0, 7, 10])  # 10: the null class
@@ -167,10 +168,10 @@ def test_their_pickle_becomes_our_unet_computing_the_same_function(write, tmp_pa
 
 def test_the_settings_stored_with_their_network_become_our_imm_config(write, tmp_path):
     net = random_net(model.PRESETS['tiny'])
-    _, cfg, _ = checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net)))
+    _, cfg, _ = authors.load_pickle(write(tmp_path / 'a.pt', authors_precond(net)))
     assert (cfg.schedule, cfg.param, cfg.second_time, cfg.eps, cfg.T, cfg.sigma_d) == \
         ('fm', 'simple_edm', 's', 0.006, 0.994, 0.5)
-    _, cfg, _ = checkpoint.load_authors_pickle(write(tmp_path / 'b.pt', authors_precond(
+    _, cfg, _ = authors.load_pickle(write(tmp_path / 'b.pt', authors_precond(
         net, noise_schedule='vp_cosine', f_type='identity', temb_type='stride', T=0.996)))
     assert (cfg.schedule, cfg.param, cfg.second_time, cfg.T) == ('cosine', 'identity', 't-s', 0.996)
 
@@ -178,7 +179,7 @@ def test_the_settings_stored_with_their_network_become_our_imm_config(write, tmp
 def test_settings_we_cannot_represent_are_refused_by_name(write, tmp_path):
     net = random_net(model.PRESETS['tiny'])
     with pytest.raises(UsageError, match="time_scale=250"):
-        checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, time_scale=250)))
+        authors.load_pickle(write(tmp_path / 'a.pt', authors_precond(net, time_scale=250)))
 
 
 def omegaconf_list(values, monkeypatch):
@@ -203,7 +204,7 @@ def test_settings_held_as_omegaconf_lists_are_read_as_lists(write, tmp_path, mon
     precond = authors_precond(net)
     unet_kwargs = precond.state['_modules']['model'].state['_init_kwargs']
     unet_kwargs['channel_mult'] = omegaconf_list(net.config['channel_mult'], monkeypatch)
-    loaded, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', precond))
+    loaded, _, info = authors.load_pickle(write(tmp_path / 'a.pt', precond))
     assert loaded.config == net.config and info['unet_kwargs']['channel_mult'] == [1, 2]
 
 
@@ -211,9 +212,9 @@ def test_the_source_embedded_in_their_file_is_never_run(write, tmp_path):
     marker = tmp_path / 'written_by_the_file'
     payload = f'open({str(marker)!r}, "w").write("ran")\n'
     net = random_net(model.PRESETS['tiny'])
-    checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, module_src=payload)))
+    authors.load_pickle(write(tmp_path / 'a.pt', authors_precond(net, module_src=payload)))
     with pytest.raises(UsageError, match="expected dict\\(ema=IMMPrecond\\).*found Payload"):
-        checkpoint.load_authors_pickle(write(tmp_path / 'b.pt', Persistent('Payload', module_dict(), payload)))
+        authors.load_pickle(write(tmp_path / 'b.pt', Persistent('Payload', module_dict(), payload)))
     assert not marker.exists()
 
 
@@ -229,26 +230,26 @@ def test_a_global_a_network_does_not_need_is_refused(write, tmp_path):
     marker = tmp_path / 'written_by_the_file'
     path = write(tmp_path / 'a.pt', _System(f'touch {marker}'))
     with pytest.raises(UsageError, match=r'asks for \w+\.system.*refused'):
-        checkpoint.load_authors_pickle(path)
+        authors.load_pickle(path)
     assert not marker.exists()
 
 
 def test_a_record_whose_state_is_not_a_module_is_refused(write, tmp_path):
     with pytest.raises(UsageError, match="persistent record that is not a saved module.*'IMMPrecond'"):
-        checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', Persistent('IMMPrecond', {'x': 1}, '')))
+        authors.load_pickle(write(tmp_path / 'a.pt', Persistent('IMMPrecond', {'x': 1}, '')))
 
 
 def test_another_network_type_is_refused_by_name(write, tmp_path):
     net = random_net(model.PRESETS['tiny'])
     with pytest.raises(UsageError, match='network is their DhariwalUNet; only their SongUNet'):
-        checkpoint.load_authors_pickle(write(tmp_path / 'a.pt', authors_precond(net, unet_class='DhariwalUNet')))
+        authors.load_pickle(write(tmp_path / 'a.pt', authors_precond(net, unet_class='DhariwalUNet')))
 
 
 def test_the_name_map_round_trips_on_the_paper_preset():
     net = model.build_net(model.PRESETS['ddpmpp'])
     assert sum(p.numel() for p in net.parameters()) == 56_061_443
     ours = net.state_dict()
-    converted = checkpoint.convert_authors_state(songunet_state(net))
+    converted = authors.convert_unet_state(songunet_state(net))
     assert converted.keys() == ours.keys() and all(torch.equal(converted[k], ours[k]) for k in ours)
 
 
@@ -257,7 +258,7 @@ def test_a_resampling_filter_other_than_the_box_is_refused():
     f = torch.tensor([1., 3, 3, 1])
     state['enc.16x16_down.conv0.resample_filter'] = f.outer(f)[None, None] / 64  # NCSN++'s filter
     with pytest.raises(UsageError, match='enc.16x16_down.conv0.resample_filter.*not the 2x2 box'):
-        checkpoint.convert_authors_state(state)
+        authors.convert_unet_state(state)
 
 
 # ---------------------------------------------------- their file through our scripts: sample.py and --init-from
@@ -277,7 +278,7 @@ def test_sample_py_draws_from_their_file_what_their_network_gives(write, tmp_pat
         images = f['arr_0']
     noise, _ = sample_script.draw_inputs(torch.Generator().manual_seed(0), 3, [3, 8, 8], 0, 0.5)
     cfg = imm.IMMConfig()                                    # their CIFAR-10 settings are our defaults
-    expected = decode(imm.sample(net, noise, imm.sampling_times(2, cfg), cfg), types.SimpleNamespace(kind='image'))
+    expected = decode(imm.sample(net, noise, imm.sampling_times(2, cfg), cfg), 'image')
     assert images.shape == (3, 8, 8, 3) and np.abs(images.astype(int) - expected.astype(int)).max() <= 1
 
 
@@ -422,7 +423,7 @@ def random_dit(config=DIT_TINY, seed=0):
 
 def test_their_dit_pickle_becomes_our_dit_computing_the_same_function(write, timm, tmp_path):
     net = random_dit()
-    loaded, cfg, info = checkpoint.load_authors_pickle(write(tmp_path / 'imagenet.pkl', authors_dit_precond(net, timm)))
+    loaded, cfg, info = authors.load_pickle(write(tmp_path / 'imagenet.pkl', authors_dit_precond(net, timm)))
     assert loaded.config == net.config and info['network'] == 'IMMPrecond(DiT)' and info['dtypes'] == ['torch.float32']
     assert (cfg.schedule, cfg.param, cfg.eps, cfg.T, cfg.sigma_d) == ('fm', 'euler_fm', 0.0, 0.994, 0.5)
     x, c_t, c_s = torch.randn(3, 4, 8, 8), torch.tensor([994., 500., 20.]), torch.tensor([6., 300., 19.])
@@ -434,21 +435,21 @@ def test_their_dit_pickle_becomes_our_dit_computing_the_same_function(write, tim
 def test_both_second_time_conditions_of_their_imagenet_files_load(write, timm, tmp_path, temb_type, second_time):
     """imagenet256_ts_a2.pkl: t - s ('stride'); imagenet256_s_a1.pkl: s ('identity'), as stored with the network."""
     path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, 'DiT_XL_2', temb_type=temb_type))
-    _, cfg, info = checkpoint.load_authors_pickle(path)
+    _, cfg, info = authors.load_pickle(path)
     assert cfg.second_time == second_time and info['stored_temb_type'] == temb_type
 
 
 def test_without_a_stored_second_time_a_dit_file_needs_it_named(write, timm, tmp_path):
     path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, temb_type=None))
     with pytest.raises(UsageError, match="stores no temb_type.*pass second_time='t-s'"):
-        checkpoint.load_authors_pickle(path)
-    assert checkpoint.load_authors_pickle(path, second_time='s')[1].second_time == 's'
+        authors.load_pickle(path)
+    assert authors.load_pickle(path, second_time='s')[1].second_time == 's'
 
 
 def test_a_second_time_given_overrides_the_stored_one_with_a_warning(write, timm, tmp_path):
     path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, temb_type='stride'))
     with pytest.warns(UserWarning, match="stores temb_type='stride'; using second_time='s'"):
-        assert checkpoint.load_authors_pickle(path, second_time='s')[1].second_time == 's'
+        assert authors.load_pickle(path, second_time='s')[1].second_time == 's'
 
 
 def test_label_table_rows_past_the_null_row_are_dropped(write, timm, tmp_path):
@@ -459,14 +460,14 @@ def test_label_table_rows_past_the_null_row_are_dropped(write, timm, tmp_path):
     table = label_embedder.state['_modules']['embedding_table']
     label_embedder.state['_modules']['embedding_table'] = torch.nn.Embedding.from_pretrained(
         torch.cat([table.weight, torch.randn(1, table.weight.shape[1])]))
-    loaded, _, _ = checkpoint.load_authors_pickle(write(tmp_path / 'a.pkl', precond))
+    loaded, _, _ = authors.load_pickle(write(tmp_path / 'a.pkl', precond))
     assert torch.equal(loaded.embed_label.weight, net.embed_label.weight)
 
 
 def test_the_dit_name_map_round_trips_on_the_xl2_preset():
     with torch.device('meta'):
         ours = model.build_net(model.PRESETS['dit-xl2']).state_dict()
-    converted = checkpoint.convert_authors_dit_state(dit_state(ours))
+    converted = authors.convert_dit_state(dit_state(ours))
     assert list(converted) == list(ours) and all(converted[k].shape == v.shape for k, v in ours.items())
     assert 'blocks.27.attn.qkv.weight' in dit_state(ours)
     assert len(ours) == 12 + 28 * 10 + 4                    # patches, positions and embeddings; blocks; final layer
@@ -476,24 +477,24 @@ def test_a_dit_weight_ours_does_not_have_is_refused_by_name():
     state = dit_state(random_dit().state_dict())
     state['blocks.0.attn.q_norm.weight'] = torch.ones(8)                   # their qk_norm=True
     with pytest.raises(UsageError, match="'blocks.0.attn.q_norm.weight' that our DiT does not have"):
-        checkpoint.convert_authors_dit_state(state)
+        authors.convert_dit_state(state)
 
 
 def test_a_dit_with_another_activation_is_refused_by_name(write, timm, tmp_path):
     path = write(tmp_path / 'a.pkl', authors_dit_precond(random_dit(), timm, approximate='none'))
     with pytest.raises(UsageError, match=r"blocks.0.mlp.act=\('GELU', 'none'\)"):
-        checkpoint.load_authors_pickle(path)
+        authors.load_pickle(path)
 
 
 def test_the_latent_encoder_settings_are_returned_when_the_file_holds_them(write, timm, tmp_path):
     net = random_dit()
-    _, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'a.pkl', authors_dit_precond(net, timm)))
+    _, _, info = authors.load_pickle(write(tmp_path / 'a.pkl', authors_dit_precond(net, timm)))
     assert info['encoder'] is None and 'sd-vae-ft-ema' in info['encoder_note']
     std = np.array([4.85503674, 5.31922414, 3.93725398, 3.9870003], np.float32)
     encoder = Persistent('StabilityVAEEncoder', dict(vae_name='stabilityai/sd-vae-ft-ema', scale=np.float32(0.5) / std,
                                                      bias=np.zeros(4, np.float32), batch_size=8, _vae=None,
                                                      dtype=torch.float16), '')
-    _, _, info = checkpoint.load_authors_pickle(write(tmp_path / 'b.pkl', authors_dit_precond(net, timm),
+    _, _, info = authors.load_pickle(write(tmp_path / 'b.pkl', authors_dit_precond(net, timm),
                                                       encoder=encoder))
     assert info['encoder']['vae_name'] == 'stabilityai/sd-vae-ft-ema' and info['encoder']['dtype'] == 'torch.float16'
     assert np.allclose(info['encoder']['scale'], 0.5 / std) and info['encoder_note'] is None

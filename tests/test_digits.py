@@ -48,7 +48,7 @@ def test_grey_npz_png_folder_and_dataset_give_the_same_reference_statistics(tmp_
     for i, image in enumerate(grey[:, 0].numpy()):
         Image.fromarray(image).save(tmp_path / 'pngs' / f'{i}.png')              # mode 'L'
     import data
-    monkeypatch.setattr(data, 'load_dataset', lambda name, data_dir: data.Dataset(name, 'image', grey, None, 0))
+    monkeypatch.setattr(fid, 'load_dataset', lambda name, data_dir: data.Dataset(name, 'image', grey, None, 0))
     monkeypatch.setattr(fid, 'InceptionFeatures', Recorder)
     stats = []
     for source in (tmp_path / 'grey.npz', tmp_path / 'pngs', 'some-grey-dataset'):
@@ -61,7 +61,7 @@ def test_grey_npz_png_folder_and_dataset_give_the_same_reference_statistics(tmp_
 
 
 def test_the_digits_fid_table_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
-    pytest.importorskip('sklearn')
+    pytest.importorskip('sklearn', reason="scikit-learn ships the digits: pip install scikit-learn")
     import digits
     monkeypatch.setattr(digits.fid, 'InceptionFeatures', Recorder)
     digits.main(['fid', '--rows', 'imm:1', 'fm:1', 'fm:2', '--iters', '2', '--work', str(tmp_path)])
@@ -78,7 +78,7 @@ def test_the_digits_fid_table_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
 
 
 def test_the_digits_guidance_table_on_a_tiny_budget(tmp_path, capsys):
-    pytest.importorskip('sklearn')
+    pytest.importorskip('sklearn', reason="scikit-learn ships the digits: pip install scikit-learn")
     import digits
     digits.main(['guidance', '--iters', '2', '--work', str(tmp_path)])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')][1:]

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
 
 import fid  # noqa: E402
-from data import UsageError  # noqa: E402
+from util import UsageError  # noqa: E402
 
 # torch 2.13 marks TorchScript deprecated; NVIDIA's reference network exists only in that format.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*deprecated:DeprecationWarning')
@@ -223,6 +223,19 @@ def test_ref_of_an_npz_and_calc_of_a_png_folder_of_the_same_images_agree(net, tm
     mu, sigma, mu2, sigma2 = seen[0]
     assert np.allclose(mu, ref_mu, rtol=0, atol=1e-5) and np.allclose(sigma, ref_sigma, rtol=0, atol=1e-5)
     assert np.array_equal(mu2, ref_mu) and np.array_equal(sigma2, ref_sigma)
+
+
+def test_fid_reads_every_image_format_that_training_reads(tmp_path):
+    import data
+    images = random_images(len(data.IMAGE_SUFFIXES), 8, seed=2).permute(0, 2, 3, 1).numpy()
+    for suffix, im in zip(data.IMAGE_SUFFIXES, images):          # .tif among them: one list for both scripts
+        Image.fromarray(im).save(tmp_path / f'{suffix[1:]}{suffix}')
+    count, batches = fid.read_images(tmp_path, batch=64)
+    lossless = [i for i, sfx in enumerate(data.IMAGE_SUFFIXES) if sfx not in ('.jpg', '.jpeg', '.webp', '.gif')]
+    read = torch.cat(list(batches))
+    assert count == len(data.IMAGE_SUFFIXES) == len(read) == len(data.load_dataset(str(tmp_path)).x)
+    order = sorted(range(count), key=lambda i: f'{data.IMAGE_SUFFIXES[i][1:]}{data.IMAGE_SUFFIXES[i]}')
+    assert all(torch.equal(read[order.index(i)], torch.from_numpy(images[i]).permute(2, 0, 1)) for i in lossless)
 
 
 def test_ref_reads_cifar10_through_data_py(net, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""imm.py as a specification: one property of the method per test (spec = ../shared/IMM-SPEC.md)."""
+"""imm.py as a specification: one property of the method per test (each cites the paper and docs/method.md)."""
 
 import math
 
@@ -259,7 +259,7 @@ def test_mmd_is_the_v_statistic_with_the_diagonal():
 # ----------------------------------------------------------------------------------------------- the loss
 
 def literal_imm_loss(net, x, noise, t, s, cfg):
-    """Spec section 5 steps 3-8 written out group by group, particle by particle, with no vectorisation."""
+    """docs/method.md section 4 (steps 3-8 of the loss) written out group by group, particle by particle, with no vectorisation."""
     M = cfg.particles
     total = 0.0
     for g in range(len(t)):
@@ -297,7 +297,7 @@ def _loss_inputs(B=8, D=3, seed=0, cfg=None):
 
 
 @pytest.mark.parametrize('k', [15, 4])
-def test_imm_loss_equals_the_spec_written_out(k):
+def test_imm_loss_equals_the_method_written_out(k):
     cfg = imm.IMMConfig(k=k)
     net = random_output_mlp()
     x, noise, t, s = _loss_inputs(cfg=cfg)

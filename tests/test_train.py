@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
 
 import checkpoint  # noqa: E402
 import train  # noqa: E402
-from data import Dataset, UsageError, encode, load_dataset  # noqa: E402
+import settings as run_settings  # noqa: E402
+from data import Dataset, encode, load_dataset  # noqa: E402
+from util import UsageError  # noqa: E402
 from imm import IMMConfig  # noqa: E402
 from model import build_net  # noqa: E402
 
@@ -260,7 +262,12 @@ def test_torchrun_with_two_ranks_matches_one_process(tmp_path):
 # ---- the pure pieces of train.py: settings and the batch draw, no training run
 
 def settings(data, *flags, world=1):
-    return train.resolve_settings(train.parse_args(['--dataset', data.name, *map(str, flags)]), data, world)
+    return run_settings.resolve(run_settings.parse_args(['--dataset', data.name, *map(str, flags)]), data, world)
+
+
+def plain_defaults(kind):
+    """The settings table's values for a kind, less those that follow another setting (eps, T, augment, cond)."""
+    return {k: v for k, v in run_settings.defaults(kind).items() if not isinstance(v, run_settings.Follows)}
 
 
 def image_data(n=12, num_classes=3, side=4, name='images'):
@@ -285,7 +292,7 @@ def test_settings_fill_the_data_kinds_defaults_and_keep_the_flags_given():
 @pytest.mark.parametrize('side, name', [(4, 'images'), (8, 'digits'), (16, 'my_icons.npz')])
 def test_small_images_of_any_source_pick_the_small_image_defaults(side, name):
     args, _, net_config, _, _ = settings(image_data(side=side, name=name))
-    small = train.DEFAULTS['small image']
+    small = plain_defaults('small image')
     assert {key: getattr(args, key) for key in small} == small and args.model == 'small' and not args.xflip
     assert net_config['arch'] == 'unet' and net_config['img_resolution'] == side and net_config['in_channels'] == 3
     args, *_ = settings(image_data(side=side, name=name), '--iters', '7', '--xflip')   # flags still win
@@ -295,14 +302,24 @@ def test_small_images_of_any_source_pick_the_small_image_defaults(side, name):
 @pytest.mark.parametrize('side, name', [(32, 'images'), (17, 'images'), (32, 'cifar10'), (16, 'cifar10')])
 def test_cifar10_and_larger_images_keep_the_papers_settings(side, name):
     args, *_ = settings(image_data(side=side, name=name))
-    image = train.DEFAULTS['image']
+    image = plain_defaults('image')
     assert {key: getattr(args, key) for key in image} == image and args.model == 'ddpmpp' and args.xflip
 
 
+def test_a_run_prints_its_resolved_settings_first_and_marks_the_flags_given(tmp_path, capsys):
+    assert train.main(toy(tmp_path / 'run', '--lr', '0.01', iters=2)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith('settings (vector column of settings.TABLE')
+    rows = {line.split()[0]: line.split() for line in out[1:1 + len(run_settings.TABLE)]}
+    assert list(rows) == [name for name, *_ in run_settings.TABLE]
+    assert rows['lr'][1:3] == ['*', '0.01'] and rows['k'][1] == '10' and rows['eps'][1] == '0.0'
+    assert load(tmp_path / 'run' / 'ckpt.pt')['args']['k'] == 10          # stored in the checkpoint as resolved
+
+
 def test_settings_do_not_change_the_parsed_flags():
-    parsed = train.parse_args(['--dataset', 'moons'])
+    parsed = run_settings.parse_args(['--dataset', 'moons'])
     before = dict(vars(parsed))
-    train.resolve_settings(parsed, load_dataset('moons'), 1)
+    run_settings.resolve(parsed, load_dataset('moons'), 1)
     assert vars(parsed) == before
 
 
@@ -313,32 +330,32 @@ def test_flow_matching_is_the_m_equals_1_case_of_the_batch_layout():
 
 def test_bench_is_a_configuration_that_writes_nothing():
     args, *_ = settings(load_dataset('moons'), '--bench', '5', '--resume', '--out', 'somewhere')
-    assert args.out is None and args.resume is None and args.iters == train.BENCH_WARMUP + 5
+    assert args.out is None and args.resume is None and args.iters == run_settings.BENCH_WARMUP + 5
     assert (args.log_every, args.ckpt_every, args.sample_every, args.fid_every) == (0, 0, 0, 0)
 
 
 def test_draw_batch_gives_each_group_one_time_pair_and_images_in_the_network_range():
     data = image_data()
-    args, cfg, *_ = settings(data, '--batch', '8', '--cond', '--label-dropout', '0.5')
-    x, noise, t, s, labels, augment_labels = train.draw_batch(0, data, args, cfg)
+    args, cfg, _, M, _ = settings(data, '--batch', '8', '--cond', '--label-dropout', '0.5')
+    x, noise, t, s, labels, augment_labels = train.draw_batch(0, data, args, cfg, M)
     assert x.shape == noise.shape == (8, 3, 4, 4) and t.shape == s.shape == (2,) and labels.shape == (8,)
     assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and (s < t).all()
     assert set(labels.tolist()) <= {0, 1, 2, 3}              # 3 = the null class of label dropout
     rows = train.batch_rows(0, 8, len(data.x), args.seed, torch.device('cpu'))
     plain = encode(data.x[rows])                             # every image is itself or its mirror image
     assert all(torch.equal(x[i], plain[i]) or torch.equal(x[i], plain[i].flip(2)) for i in range(8))
-    again = train.draw_batch(0, data, args, cfg)
+    again = train.draw_batch(0, data, args, cfg, M)
     assert all(torch.equal(a, b) for a, b in zip((x, noise, t, s, labels), again))
-    other = train.draw_batch(1, data, args, cfg)
+    other = train.draw_batch(1, data, args, cfg, M)
     assert not torch.equal(noise, other[1]) and not torch.equal(t, other[2])
 
 
 @pytest.mark.parametrize('augment', ['0', '0.5'])
 def test_draw_batch_on_two_ranks_splits_the_one_rank_batch(augment):
     data = image_data()
-    args, cfg, *_ = settings(data, '--batch', '8', '--cond', '--augment', augment)
-    whole = train.draw_batch(3, data, args, cfg)
-    halves = [train.draw_batch(3, data, args, cfg, rank, world=2) for rank in (0, 1)]
+    args, cfg, _, M, _ = settings(data, '--batch', '8', '--cond', '--augment', augment)
+    whole = train.draw_batch(3, data, args, cfg, M)
+    halves = [train.draw_batch(3, data, args, cfg, M, rank, world=2) for rank in (0, 1)]
     assert (whole[-1] is None) == (augment == '0')           # augmentation labels only with --augment > 0
     for a, b0, b1 in zip(whole, *halves):
         assert (a is None and b0 is None and b1 is None) or torch.equal(a, torch.cat([b0, b1]))
@@ -350,8 +367,8 @@ def test_augmentation_is_edms_on_cifar10_and_off_elsewhere():
     assert args.augment == 0.12 and net_config['augment_dim'] == 9
     args, _, net_config, *_ = settings(image_data(), '--model', 'tiny')
     assert args.augment == 0 and net_config['augment_dim'] == 0
-    args, cfg, *_ = settings(cifar, '--batch', '8')
-    augment_labels = train.draw_batch(0, cifar, args, cfg)[-1]
+    args, cfg, _, M, _ = settings(cifar, '--batch', '8')
+    augment_labels = train.draw_batch(0, cifar, args, cfg, M)[-1]
     assert augment_labels.shape == (8, 9) and (augment_labels[:, 0] == 1).any()   # x-flip is labelled now
     with pytest.raises(UsageError, match='--augment 0.5: accepted a probability in \\[0, 1\\] for images, 0 for vectors'):
         settings(load_dataset('moons'), '--augment', '0.5')
@@ -368,7 +385,7 @@ def test_a_new_run_can_start_from_the_ema_of_another(tmp_path):
 
 
 def test_a_few_steps_on_the_digits_train_the_small_unet_and_save_a_checkpoint(tmp_path):
-    pytest.importorskip('sklearn')
+    pytest.importorskip('sklearn', reason="scikit-learn ships the digits: pip install scikit-learn")
     flags = ['--dataset', 'digits', '--iters', '2', '--batch', '16', '--channels', '16', '--out', tmp_path,
              '--log-every', '1', '--sample-every', '2', '--device', 'cpu', '--cond']
     assert train.main(list(map(str, flags))) == 0

