@@ -34,7 +34,9 @@ from imm import IMMConfig
 from model import build_net
 from util import UsageError
 
-AUTHORS_CIFAR10_URL = 'https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt'
+# The release on the Hugging Face Hub, as --ckpt and --init-from name it (checkpoint.hub_file downloads it once).
+RELEASE = ('hf://lumaai/imm/cifar10.pt', 'hf://lumaai/imm/imagenet256_ts_a2.pkl',
+           'hf://lumaai/imm/imagenet256_s_a1.pkl')
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'  # the VAE of their ImageNet model (configs/im256_generate_images.yaml)
 # Their per-channel statistics of sd-vae-ft-ema's ImageNet latents (the same config): z = (raw - mean) / std * 0.5.
 IMAGENET_LATENT_MEAN = [0.86488, -0.27787343, 0.21616915, 0.3738409]
@@ -441,7 +443,7 @@ def _authors_network(path, data):
 
 
 def load_pickle(path, second_time=None):
-    """(net, cfg, info) from the authors' released pickle (cifar10.pt, AUTHORS_CIFAR10_URL; imagenet256_ts_a2.pkl,
+    """(net, cfg, info) from the authors' released pickle (cifar10.pt, imagenet256_ts_a2.pkl,
     imagenet256_s_a1.pkl), read as data: our model.UNet or model.DiT with their EMA weights, the imm.IMMConfig their
     sampler uses, and info on what was read (the latent encoder's settings where the file holds them). second_time
     ('s' | 't-s') overrides the stored second time condition (their README: imagenet256_s_a1.pkl needs 's')."""

@@ -34,6 +34,7 @@ from imm import IMMConfig
 from model import build_net
 from util import UsageError, write_atomically
 
+HUB = 'hf://'                         # --ckpt / --init-from hf://OWNER/REPO/FILE: a file on the Hugging Face Hub
 KEYS = ['net', 'ema', 'opt', 'scaler', 'step', 'args', 'net_config', 'imm_config', 'data', 'rng']
 SAMPLING_KEYS = ['net', 'ema', 'net_config', 'imm_config', 'data', 'args']  # what sample.py needs of them
 DATA_KEYS = ['name', 'kind', 'shape', 'num_classes', 'mean', 'std']
@@ -83,8 +84,31 @@ def read(path, keys=KEYS, flag='--resume'):
 
 
 def file_of(path):
-    """A run folder stands for its ckpt.pt (--ckpt runs/moons, --init-from runs/moons)."""
+    """The checkpoint file that --ckpt / --init-from name: a run folder stands for its ckpt.pt (runs/moons), and
+    hf://OWNER/REPO/FILE for that file of a Hugging Face Hub repository (hub_file)."""
+    if path.startswith(HUB):
+        return hub_file(path)
     return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+
+
+def hub_file(url):
+    """The local copy of hf://OWNER/REPO/FILE (e.g. authors.RELEASE's hf://lumaai/imm/cifar10.pt): huggingface_hub
+    downloads it into its cache (HF_HUB_CACHE, by default ~/.cache/huggingface/hub) on first use and finds it there
+    afterwards; with HF_HUB_OFFLINE=1 it only looks in the cache. The file is then read like any other checkpoint."""
+    owner, repo, filename = (url[len(HUB):].split('/', 2) + ['', '', ''])[:3]
+    if not (owner and repo and filename):
+        raise UsageError(f"{url}: expected hf://OWNER/REPO/FILE, e.g. {authors.RELEASE[0]}")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UsageError(f"{url}: reading from the Hugging Face Hub needs huggingface_hub: "
+                         f"pip install huggingface_hub") from None
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=f'{owner}/{repo}', filename=filename)
+    except Exception as e:                 # offline and not cached, no such repository or file, no network
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{url}: cannot get {filename!r} of the Hugging Face Hub repository {owner}/{repo} "
+                         f"({type(e).__name__}: {reason})") from None
 
 
 def load_for_sampling(path, raw=False, flag='--ckpt'):

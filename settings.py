@@ -11,7 +11,10 @@ The kind of the data picks a column of TABLE: 'image' (pixels: the paper's CIFAR
 (a side of 16 or less, cifar10 excepted: the 8x8 digits, a user's small set), 'vector' (2-D toys) and 'latent' (SD-VAE
 latents from vae.py: the paper's ImageNet-256 run, App. I). A flag given on the command line wins over the table;
 a flag left out takes its kind's value. Beside each value: the paper's reference, or why we chose another. The
-CPU columns were chosen by the sweeps of docs/experiments.md, on more than one data set each.
+CPU columns were chosen by the sweeps of docs/experiments.md, on more than one data set each. SAMPLING holds
+sample.py's defaults (the time grid and the guidance weight) in the same columns, picked by the kind of checkpoint:
+
+    settings.sampling_defaults('latent', conditional=True)    # {'two_step_eta': None, 'guidance': 1.5}
 """
 import argparse
 import os
@@ -86,16 +89,43 @@ TABLE = [
 ]
 
 
+# sample.py's defaults (also those of train.py's pictures and FID), one column per kind of checkpoint as in TABLE.
+# A flag given to sample.py wins: --times (or --steps with another grid), --guidance.
+SAMPLING = [
+    # setting       image   small image   vector   latent
+    ('two_step_eta', 1.4,   1.4,          1.4,     None,
+     "the release's configs: CIFAR-10 samples 2 steps with eta(t1) = 1.4 (Sec. 4.3), ImageNet uniform grids in t at "
+     "1, 2, 4, 8 steps (None = uniform); small images and vectors follow CIFAR-10; 1 step is T -> eps and 3 or more "
+     "uniform in t in every column"),
+    ('guidance',     1.0,   1.0,          1.0,     Follows('labels', {True: 1.5}, 1.0),
+     "Eq. 14: w = 1.5 in every ImageNet config of the release and for the paper's ImageNet FIDs (class-conditional "
+     "nets); CIFAR-10 is unconditional, and w = 1 is no guidance"),
+]
+
+
 def kind_of(data, dataset):
     """The column of TABLE for a data.Dataset: its kind, or 'small image' for small images other than cifar10."""
-    small = data.kind == 'image' and max(data.x.shape[2:]) <= SMALL_IMAGE and dataset != 'cifar10'
-    return 'small image' if small else data.kind
+    return column(data.kind, list(data.x.shape[1:]), dataset)
 
 
-def defaults(kind):
-    """{setting: its TABLE value for `kind`} (a Follows where the value follows another setting or a fact)."""
+def column(kind, shape, dataset):
+    """The column of TABLE and SAMPLING for data of `kind` ('image', 'vector', 'latent') and sample `shape` named
+    `dataset`: 'small image' for images with a side of SMALL_IMAGE or less other than cifar10, else the kind."""
+    small = kind == 'image' and max(shape[1:]) <= SMALL_IMAGE and dataset != 'cifar10'
+    return 'small image' if small else kind
+
+
+def defaults(kind, table=TABLE):
+    """{setting: its value in `table` for `kind`} (a Follows where the value follows another setting or a fact)."""
     column = KINDS.index(kind)
-    return {row[0]: row[1 + column] for row in TABLE}
+    return {row[0]: row[1 + column] for row in table}
+
+
+def sampling_defaults(kind, conditional):
+    """{'two_step_eta': .., 'guidance': ..}: SAMPLING's column `kind`, for a class-conditional net or not."""
+    facts = {'labels': conditional}
+    return {key: value.cases.get(facts[value.on], value.otherwise) if isinstance(value, Follows) else value
+            for key, value in defaults(kind, SAMPLING).items()}
 
 
 def parse_args(argv=None):
@@ -197,10 +227,12 @@ def fill_defaults(args, data, init_config=None):
     return args
 
 
-def describe(args, given, kind):
-    """The resolved settings as a table, one row per setting of TABLE: value (* = given as a flag) and source."""
-    sources = {row[0]: row[-1] for row in TABLE}
-    lines = [f"settings ({kind} column of settings.TABLE; * = given as a flag):"]
+def describe(args, given, kind, table='TABLE'):
+    """The resolved settings as a table, one row per setting of TABLE (or SAMPLING, for sample.py): value
+    (* = given as a flag) and source."""
+    sources = {row[0]: row[-1] for row in {'TABLE': TABLE, 'SAMPLING': SAMPLING}[table]}
+    title = {'TABLE': 'settings', 'SAMPLING': 'sampling'}[table]
+    lines = [f"{title} ({kind} column of settings.{table}; * = given as a flag):"]
     for key in sources:
         mark = '*' if key in given else ' '
         lines.append(f"  {key:<14}{mark} {str(getattr(args, key)):<12} {'flag' if key in given else sources[key]}")

@@ -276,6 +276,7 @@ class Output:
         fixed = torch.Generator().manual_seed(args.seed)   # the same noise (and labels) in every picture
         self.noise = (cfg.sigma_d * torch.randn(shown, *data.x.shape[1:], generator=fixed)).to(device)
         self.labels = (torch.arange(shown) % num_classes).to(device) if num_classes else None
+        self.sampling = settings.sampling_defaults(settings.kind_of(data, args.dataset), num_classes > 0)
         self.extent = None
         if data.kind == 'vector':                          # the data itself, on the axes the samples will use
             real = decode(data.x[torch.randperm(len(data.x), generator=fixed)[:shown]], 'vector', data.mean, data.std)
@@ -287,6 +288,10 @@ class Output:
             from fid import InceptionFeatures, load_ref
             self.fid = (InceptionFeatures(args.fid_weights).to(device), load_ref(args.fid_ref))
 
+    def times(self, steps):
+        """The time grid of `steps` jumps that sample.py would use for this run (settings.SAMPLING)."""
+        return sampling_times(steps, self.cfg, self.sampling['two_step_eta'])
+
     def log(self, entry):
         self.log_file.write(json.dumps(entry) + '\n')
         self.log_file.flush()
@@ -295,7 +300,7 @@ class Output:
         """1- and 2-step samples of the EMA from the fixed noise: an image grid, or a 2-D density picture."""
         data = self.info
         for steps in (1, 2):
-            x0 = sample(ema, self.noise, sampling_times(steps, self.cfg), self.cfg, self.labels,
+            x0 = sample(ema, self.noise, self.times(steps), self.cfg, self.labels, self.sampling['guidance'],
                         denoiser=self.args.loss == 'fm')
             path = os.path.join(self.args.out, 'samples', f'{done:07d}-{steps}step.png')
             if data.kind == 'latent':  # no VAE while training: latent channels 0-2 (or 0), +-2 std, as RGB (grey)
@@ -319,7 +324,8 @@ class Output:
                 labels = torch.randint(ema.num_classes, (b,), generator=noise_gen, device=z.device) \
                     if ema.num_classes else None
                 with autocast:
-                    x0 = sample(ema, z, sampling_times(steps, cfg), cfg, labels, denoiser=args.loss == 'fm')
+                    x0 = sample(ema, z, self.times(steps), cfg, labels, self.sampling['guidance'],
+                                denoiser=args.loss == 'fm')
                 return to_uint8(x0)
             fids[steps] = fid_of_sampler(generate, args.fid_n, ref, net=inception)
         say(f"step {done} | FID-{args.fid_n // 1000}k 1-step {fids[1]:.3f} | 2-step {fids[2]:.3f}", flush=True)

@@ -73,18 +73,18 @@ def flag_table(parser):
     return '\n'.join(rows)
 
 
-def settings_table():
-    """settings.TABLE as a Markdown table: one row per setting, one column per kind of data, and the source."""
+def settings_table(table=settings.TABLE, label=lambda name: '--' + name.replace('_', '-')):
+    """settings.TABLE (or SAMPLING) as a Markdown table: one row per setting (labelled by its train.py flag),
+    one column per kind of data, and the source."""
     rows = [f"| setting | {' | '.join(settings.KINDS)} | where the value comes from |",
             '|---' * (len(settings.KINDS) + 2) + '|']
-    for name, *values, source in settings.TABLE:
-        flag = '--' + name.replace('_', '-')
-        rows.append(f"| `{flag}` | {' | '.join(f'`{v}`' for v in values)} | {source} |")
+    for name, *values, source in table:
+        rows.append(f"| `{label(name)}` | {' | '.join(f'`{v}`' for v in values)} | {source} |")
     return '\n'.join(rows)
 
 
-TABLES = {'settings table': settings_table, 'train.py flags': lambda: flag_table(settings.parser()),
-          'sample.py flags': lambda: flag_table(sample.parser())}
+TABLES = {'settings table': settings_table, 'sampling table': lambda: settings_table(settings.SAMPLING, str),
+          'train.py flags': lambda: flag_table(settings.parser()), 'sample.py flags': lambda: flag_table(sample.parser())}
 
 
 def regenerate(readme):

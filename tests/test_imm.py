@@ -427,6 +427,14 @@ def test_default_sampling_times():
     assert all(a - b == pytest.approx((0.994 - 0.006) / 4) for a, b in zip(times, times[1:]))
 
 
+def test_without_a_two_step_eta_every_grid_is_uniform_as_the_releases_imagenet_grids():
+    cfg = imm.IMMConfig(param='euler_fm', eps=0.0)           # the ImageNet pair: eps 0, T 0.994
+    assert imm.sampling_times(2, cfg, two_step_eta=None) == [0.994, 0.497, 0.0]
+    assert imm.sampling_times(1, cfg, two_step_eta=None) == imm.sampling_times(1, cfg) == [0.994, 0.0]
+    assert imm.sampling_times(4, cfg, two_step_eta=None) == imm.sampling_times(4, cfg)
+    assert imm.sampling_times(8, cfg, None) == pytest.approx([0.994 * (1 - i / 8) for i in range(9)], abs=1e-12)
+
+
 @pytest.mark.parametrize('steps', [0, -1, 1.5, True])
 def test_sampling_times_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match='steps must be an integer >= 1'):

@@ -159,6 +159,84 @@ def test_bench_prints_one_json_line_and_writes_nothing(tmp_path, capsys, monkeyp
     assert os.listdir(tmp_path) == []
 
 
+# --- defaults by the kind of checkpoint (settings.SAMPLING): the release's grids and guidance
+
+TINY_DIT = {**PRESETS['dit-s2'], 'img_resolution': 4, 'hidden_size': 32, 'depth': 1, 'num_heads': 2, 'num_classes': 0}
+LATENTS = {'name': 'latents.npz', 'kind': 'latent', 'shape': [4, 4, 4], 'num_classes': 3, 'mean': [0.0] * 4,
+           'std': [1.0] * 4, 'scale': 0.5, 'vae': 'some/vae'}
+
+
+def sampled_with(monkeypatch, ckpt, *argv):
+    """(times, guidance) that sample.py passes to imm.sample for these flags; the VAE is stubbed out (decoding is
+    tests/test_latents.py's), so only the sampler's settings are looked at."""
+    calls = []
+    real = sample_script.sample
+    monkeypatch.setattr(sample_script, 'sample', lambda net, noise, times, cfg, **kw:
+                        calls.append((times, kw['guidance'])) or real(net, noise, times, cfg, **kw))
+    monkeypatch.setattr(sample_script, 'load_vae', lambda name, device: None)
+    sample('--ckpt', ckpt, '--n', 2, '--out', ckpt.parent / 'x.npz', *argv)
+    return calls[0]
+
+
+def test_latent_checkpoints_sample_the_releases_uniform_grids_with_guidance_1_5(tmp_path, monkeypatch, capsys):
+    ckpt = make_checkpoint(tmp_path / 'ckpt.pt', {**TINY_DIT, 'num_classes': 3}, LATENTS)
+    torch.save({**torch.load(ckpt), 'imm_config': asdict(IMMConfig(param='euler_fm', eps=0.0))}, ckpt)
+    assert sampled_with(monkeypatch, ckpt) == ([0.994, 0.497, 0.0], 1.5)
+    assert sampled_with(monkeypatch, ckpt, '--steps', 4) == ([0.994, 0.7455, 0.497, 0.2485, 0.0], 1.5)
+    out = capsys.readouterr().out
+    assert 'sampling (latent column of settings.SAMPLING' in out and '2 steps, times 0.994,0.497,0;' in out
+    assert 'guidance 1.5' in out
+    assert sampled_with(monkeypatch, ckpt, '--times', '0.994,0.6,0', '--guidance', 1) == ([0.994, 0.6, 0.0], 1.0)
+    unconditional = make_checkpoint(tmp_path / 'uncond.pt', TINY_DIT, {**LATENTS, 'num_classes': 0})
+    torch.save({**torch.load(unconditional), 'imm_config': asdict(IMMConfig(param='euler_fm', eps=0.0))}, unconditional)
+    assert sampled_with(monkeypatch, unconditional)[1] == 1.0     # guidance needs a class-conditional net
+
+
+def test_image_checkpoints_keep_cifar10s_grid_and_no_guidance_even_with_classes(tmp_path, monkeypatch, capsys):
+    ckpt = make_checkpoint(tmp_path / 'ckpt.pt', {**TINY_UNET, 'num_classes': 3}, image_data(3))
+    times, guidance = sampled_with(monkeypatch, ckpt)
+    assert times[1] == pytest.approx(1.4 / 2.4) and guidance == 1.0     # eta(t1) = 1.4: t1 = 1.4 / (1 + 1.4)
+    assert 'sampling (image column of settings.SAMPLING' in capsys.readouterr().out
+    assert sampled_with(monkeypatch, ckpt, '--guidance', 2)[1] == 2.0
+
+
+# --- torchrun: N processes write what one writes
+
+def torchrun_sample(tmp_path, name, *argv, ranks=2):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    launch = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}'] if ranks > 1 else []
+    out = tmp_path / f'{name}.npz'
+    r = subprocess.run([sys.executable, *launch, str(ROOT / 'sample.py'), *map(str, argv), '--out', str(out),
+                        '--device', 'cpu'], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with np.load(out) as f:
+        return {k: f[k] for k in f.files}, r.stdout
+
+
+def test_two_torchrun_ranks_write_the_one_process_array(tmp_path):
+    ckpt = make_checkpoint(tmp_path / 'ckpt.pt', {**TINY_UNET, 'num_classes': 3}, image_data(3))
+    flags = ['--ckpt', ckpt, '--num-samples', 11, '--batch', 3, '--steps', 3, '--restart']
+    one, _ = torchrun_sample(tmp_path, 'one', *flags, ranks=1)
+    two, stdout = torchrun_sample(tmp_path, 'two', *flags)
+    assert one.keys() == two.keys() == {'arr_0', 'arr_1'} and one['arr_0'].shape == (11, 8, 8, 3)
+    assert all(np.array_equal(one[k], two[k]) for k in one)        # bit for bit, labels and images
+    assert stdout.count('wrote ') == 1 and stdout.count('sampling (image column') == 1   # only rank 0 talks
+
+
+@pytest.mark.parametrize('script', ['sample.py', 'train.py'])
+def test_no_flag_is_mistaken_by_torchruns_parser(script):
+    """argparse matches abbreviations of every option-like word, so a script flag that abbreviates two of torchrun's
+    (e.g. --n: --nnodes, --nproc-per-node) stops torchrun. Every flag of both scripts passes through untouched,
+    except sample.py's one-process alias --n (its torchrun form is --num-samples)."""
+    from torch.distributed.run import get_args_parser
+    import settings
+    parser = sample_script.parser() if script == 'sample.py' else settings.parser()
+    flags = [f for action in parser._actions for f in action.option_strings if f.startswith('--')]
+    for flag in set(flags) - {'--help', '--n'}:
+        parsed = get_args_parser().parse_args(['--standalone', '--nproc_per_node=2', script, flag, '1'])
+        assert parsed.training_script == script and parsed.training_script_args == [flag, '1'], flag
+
+
 # --- bad input: one clear message naming the value, exit status 2, and nothing already written is damaged
 
 def bad_checkpoint(tmp_path, case):
