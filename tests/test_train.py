@@ -215,8 +215,8 @@ def test_a_checkpoint_of_another_config_or_a_corrupt_one_is_refused_untouched(tm
     corrupt.write_bytes(b'\x00' * 100)
     with pytest.raises(UsageError, match="cannot read checkpoint .*corrupt.pt"):
         train.main(toy(out, '--resume', corrupt))
-    with pytest.raises(UsageError, match="does not exist"):
-        train.main(toy(tmp_path / 'elsewhere', '--resume'))
+    with pytest.raises(UsageError, match="missing.pt: no such file"):     # a file named must exist
+        train.main(toy(tmp_path / 'elsewhere', '--resume', tmp_path / 'missing.pt'))
     with pytest.raises(UsageError, match="--init-from .* and --resume: give one"):
         train.main(toy(out, '--resume', '--init-from', out / 'ckpt.pt'))
     assert all(p.read_bytes() == b for p, b in before.items()) and corrupt.read_bytes() == b'\x00' * 100
