@@ -14,7 +14,6 @@ a flag left out takes its kind's value. Beside each value: the paper's reference
 CPU columns were chosen by the sweeps of docs/experiments.md, on more than one data set each.
 """
 import argparse
-import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -280,8 +279,11 @@ def check_ranges(args, data):
     if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
         raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
                          f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
-    if args.wandb and importlib.util.find_spec('wandb') is None:
-        raise UsageError(f"--wandb {args.wandb}: the wandb package is not installed; pip install wandb")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401 (imported here only to say at once when it is missing)
+        except ImportError:
+            raise UsageError(f"--wandb {args.wandb}: the wandb package is not installed; pip install wandb") from None
     if args.init_from and args.resume is not None:
         raise UsageError(f"--init-from {args.init_from} and --resume: give one; --resume continues a run, "
                          f"--init-from starts a new one from a network's weights")

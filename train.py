@@ -43,6 +43,7 @@ import gc
 import inspect
 import json
 import os
+import random
 import resource
 import signal
 import sys
@@ -190,6 +191,8 @@ def build(args, cfg, net_config, scaler, device, kind, init=None, say=print):
     job reruns its first command); --resume PATH names a file, so a missing one is an error, not a new run."""
     ckpt_path = args.out and os.path.join(args.out, 'ckpt.pt')
     torch.manual_seed(args.seed)                           # the initial weights (replaced when resuming)
+    np.random.seed(args.seed)                              # unused by training, but stored in checkpoints: seeded,
+    random.seed(args.seed)                                 # a run's checkpoint is a function of its flags alone
     net = build_net(net_config)
     if init is not None:
         checkpoint.load_weights(net, init[0].state_dict(), f'--init-from {args.init_from}')
