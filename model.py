@@ -30,6 +30,10 @@ null class); each block and the final layer read shift/scale/gate from SiLU(emb)
 DiT's: the modulations and the output layer are zero, so the output is exactly zero at initialisation. DiT-XL/2
 (model.PRESETS['dit-xl2']) has 676.44M parameters, 118.6 G multiply-adds per forward on 32x32x4 latents.
 
+`net.grad_checkpoint = True` (train.py --grad-checkpoint) makes the U-Net and the DiT recompute each block's
+activations in the backward pass instead of keeping them (torch.utils.checkpoint): less memory, the same gradients.
+It is a switch of the module, not part of its config.
+
     import model
     net = model.build_net(model.PRESETS['ddpmpp'])      # paper's CIFAR-10 net, 56.06M parameters
     net = model.build_net({**model.PRESETS['tiny'], 'num_classes': 10})

@@ -44,6 +44,7 @@ import inspect
 import json
 import os
 import random
+import re
 import resource
 import signal
 import sys
@@ -293,6 +294,9 @@ class Output:
         self.saved_step = start_step if os.path.exists(self.path('ckpt.pt')) else None   # the intact checkpoint
         try:
             os.makedirs(self.path('samples'), exist_ok=True)
+            for name in os.listdir(args.out):              # what a run killed while saving (SIGKILL) left
+                if re.fullmatch(r'ckpt(-best)?\.tmp\d+\.pt', name):
+                    os.remove(self.path(name))
             self.history = checkpoint.trim_log(self.path('log.jsonl'), start_step)   # the steps up to the start
             self.wandb = start_wandb(args, cfg, self.path('wandb-id'), start_step) if args.wandb else None
         except OSError as e:

@@ -481,6 +481,13 @@ def test_a_checkpoint_over_the_file_size_limit_ends_the_run_in_one_line_and_keep
     assert (tmp_path / 'ckpt.pt').read_bytes() == before and not [f for f in os.listdir(tmp_path) if '.tmp' in f]
 
 
+def test_a_temporary_checkpoint_left_by_a_killed_run_is_removed_at_the_next_start(tmp_path):
+    assert train.main(toy(tmp_path, iters=3)) == 0
+    (tmp_path / 'ckpt.tmp12345.pt').write_bytes(b'half a checkpoint')      # SIGKILL while writing
+    assert train.main(toy(tmp_path, '--resume', iters=4)) == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith('ckpt')) == ['ckpt.pt']
+
+
 def in_new_mount_namespace(script):
     """Run a shell script as root of a new user and mount namespace (where it may mount a tmpfs); skip where this
     machine does not allow one."""
