@@ -200,9 +200,9 @@ def build(args, cfg, net_config, scaler, device, kind, init=None, say=print):
     net.grad_checkpoint = args.grad_checkpoint             # a switch of the module, not of net_config: may change
     ckpt = None
     if args.resume is not None:
-        path = args.resume or ckpt_path
-        if args.resume or any_rank(os.path.isfile(path)):  # any_rank: all ranks decide alike, whatever a file
-            ckpt = checkpoint.read(path)                   # system's cache shows each node
+        path = args.resume or ckpt_path                    # any_rank: every rank decides alike, even where a
+        if args.resume or any_rank(os.path.isfile(path)):  # network file system shows a node an older folder
+            ckpt = checkpoint.read(path)
             checkpoint.check_resumable(ckpt, path, net.config, cfg, args.loss, args.optimizer)
         else:
             say(f"--resume: no checkpoint at {path} yet; starting a new run")
