@@ -431,7 +431,7 @@ def wait_for_line(proc, prefix):
 
 def test_a_requeued_run_reruns_the_same_command_and_ends_as_one_uninterrupted_run(tmp_path):
     command = ['train.py', *toy(tmp_path / 'requeued', '--dropout', '0.1', '--cond', '--resume', '--log-every', 1,
-                                iters=20)]
+                                iters=100)]                    # steps enough that the signal lands mid-run
     first = start_script(*command)
     assert wait_for_line(first, '--resume: no checkpoint at').endswith('yet; starting a new run\n')
     wait_for_line(first, 'step 3/')
@@ -440,14 +440,14 @@ def test_a_requeued_run_reruns_the_same_command_and_ends_as_one_uninterrupted_ru
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0 and 'Traceback' not in err, err
     stopped_at = load(tmp_path / 'requeued' / 'ckpt.pt')['step']
-    assert 3 <= stopped_at < 20 and f'(step {stopped_at}); continue with the same command' in out
+    assert 3 <= stopped_at < 100 and f'(step {stopped_at}); continue with the same command' in out
     again = run_script(*command)                               # the requeued job: the identical command
-    assert again.returncode == 0 and f'steps {stopped_at}->20' in again.stdout, again.stderr
+    assert again.returncode == 0 and f'steps {stopped_at}->100' in again.stdout, again.stderr
     assert train.main(toy(tmp_path / 'straight', '--dropout', '0.1', '--cond', '--resume', '--log-every', 1,
-                          iters=20)) == 0
+                          iters=100)) == 0
     same_run(load(tmp_path / 'straight' / 'ckpt.pt'), load(tmp_path / 'requeued' / 'ckpt.pt'))
     steps = [e['step'] for e in checkpoint.read_log(tmp_path / 'requeued' / 'log.jsonl')]
-    assert steps == list(range(1, 21))                         # the log and loss.png show the whole run
+    assert steps == list(range(1, 101))                         # the log and loss.png show the whole run
     assert (tmp_path / 'requeued' / 'loss.png').exists()
 
 
