@@ -2,7 +2,8 @@
 split the work, and that bad input ends in one clear message with nothing damaged.
 
 Runs are tiny (a 32-wide MLP on a 2-D toy, a few steps on the CPU); most call train.main() in this process,
-a few run the script as a user would (Ctrl-C, torchrun, the error line).
+a few run the script as a user or a cluster would (Ctrl-C, SIGTERM and a requeue, torchrun, the error line, a disk
+that fills up).
 """
 import json
 import os
