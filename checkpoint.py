@@ -19,6 +19,7 @@ nothing in it can run code:
     ckpt = checkpoint.read('runs/moons/ckpt.pt')                       # checked: every key above is there
     net, cfg, ckpt = checkpoint.load_for_sampling('runs/moons/ckpt.pt', raw=False)
     net, cfg, ckpt = checkpoint.load_for_sampling('cifar10.pt')        # the authors' release, through authors.py
+    entries = checkpoint.read_log('runs/moons/log.jsonl')              # the run's log, one dict per line
 """
 import json
 import os
