@@ -19,6 +19,7 @@ nothing in it can run code:
     ckpt = checkpoint.read('runs/moons/ckpt.pt')                       # checked: every key above is there
     net, cfg, ckpt = checkpoint.load_for_sampling('runs/moons/ckpt.pt', raw=False)
     net, cfg, ckpt = checkpoint.load_for_sampling('cifar10.pt')        # the authors' release, through authors.py
+    entries = checkpoint.read_log('runs/moons/log.jsonl')              # the run's log, one dict per line
 """
 import json
 import os
@@ -59,8 +60,26 @@ def data_info(data):
 
 
 def save(path, ckpt):
-    """Write ckpt whole or not at all: an interrupted save leaves the previous file."""
-    write_atomically(path, lambda tmp: torch.save(ckpt, tmp))
+    """Write ckpt whole or not at all: an interrupted or failed save leaves the previous file and no temporary one.
+    A failed write (a full disk, no permission, an I/O error) raises its OSError, not the RuntimeError of torch's
+    writer that wraps it; the file is synced before the rename, so a node that crashes keeps one whole file."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            try:
+                torch.save(ckpt, f)
+            except RuntimeError as e:
+                raise os_error_behind(e) or e
+            f.flush()
+            os.fsync(f.fileno())               # errors of delayed writes (network file systems) surface here
+    write_atomically(path, write)
+
+
+def os_error_behind(e):
+    """The OSError that caused exception e (torch.save reports a failed write of its file as a RuntimeError whose
+    context is the file's OSError), or None."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def read(path, keys=KEYS, flag='--resume'):
@@ -187,13 +206,28 @@ def set_rng_state(state):
     random.setstate(state['python'])
 
 
-def trim_log(path, step):
-    """Drop the entries of log.jsonl after `step` (a resumed run logs those steps again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+def read_log(path):
+    """The entries of a log.jsonl (dicts with at least 'step'), [] if there is none. A line cut short (a crash or a
+    full disk while it was written) is left out."""
+    if not os.path.exists(path):
+        return []
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [e for e in entries if isinstance(e, dict) and 'step' in e]
 
+
+def trim_log(path, step):
+    """Drop the entries of log.jsonl after `step` (a resumed run logs those steps again; a new run, step 0, starts
+    an empty log). Returns the entries kept."""
+    kept = [e for e in read_log(path) if e['step'] <= step]
+    if os.path.exists(path):
         def write(tmp):
             with open(tmp, 'w') as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(e) + '\n' for e in kept)
         write_atomically(path, write)
+    return kept

@@ -30,6 +30,10 @@ null class); each block and the final layer read shift/scale/gate from SiLU(emb)
 DiT's: the modulations and the output layer are zero, so the output is exactly zero at initialisation. DiT-XL/2
 (model.PRESETS['dit-xl2']) has 676.44M parameters, 118.6 G multiply-adds per forward on 32x32x4 latents.
 
+`net.grad_checkpoint = True` (train.py --grad-checkpoint) makes the U-Net and the DiT recompute each block's
+activations in the backward pass instead of keeping them (torch.utils.checkpoint): less memory, the same gradients.
+It is a switch of the module, not part of its config.
+
     import model
     net = model.build_net(model.PRESETS['ddpmpp'])      # paper's CIFAR-10 net, 56.06M parameters
     net = model.build_net({**model.PRESETS['tiny'], 'num_classes': 10})
@@ -41,6 +45,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 PRESETS = {
     # DDPM++ as in the paper's CIFAR-10 run (Table 5; EDM's SongUNet 'ddpmpp' layout).
@@ -128,6 +133,15 @@ class Conditioning(nn.Module):
         return F.silu(self.embed_t(c_noise_t, extra) + self.embed_s(c_noise_s))
 
 
+def _run_block(block, h, emb, grad_checkpoint):
+    """block(h, emb); with grad_checkpoint, and only where a gradient is being recorded, without keeping the
+    block's activations: they are recomputed in the backward pass (torch.utils.checkpoint, which replays the RNG
+    state, so dropout draws the same mask). Under no_grad (IMM's target pass, sampling) it is the plain call."""
+    if grad_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, h, emb, use_reentrant=False)
+    return block(h, emb)
+
+
 def _scale_init(layer, scale):
     """Shrink a layer's initial weights (scale 0 zeroes it), EDM-style, so a residual branch starts near zero."""
     with torch.no_grad():
@@ -194,6 +208,7 @@ class UNet(nn.Module):
                            attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
                            augment_dim=augment_dim)
         self.num_classes = num_classes
+        self.grad_checkpoint = False  # a run-time switch (train.py --grad-checkpoint), not part of the config
         emb_ch = model_channels * 4
         self.cond = Conditioning(model_channels, emb_ch, num_classes, augment_dim)
         block = dict(emb_ch=emb_ch, dropout=dropout)
@@ -256,12 +271,12 @@ class UNet(nn.Module):
         h = self.stem(x)
         skips = [h]
         for blk in self.enc:
-            h = blk(h, emb)
+            h = _run_block(blk, h, emb, self.grad_checkpoint)
             skips.append(h)
         for blk, takes_skip in zip(self.dec, self.takes_skip):
             if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = blk(h, emb)
+            h = _run_block(blk, h, emb, self.grad_checkpoint)
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
@@ -374,6 +389,7 @@ class DiT(nn.Module):
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            num_classes=num_classes, dropout=dropout)
         self.num_classes, self.patch_size, self.in_channels = num_classes, patch_size, in_channels
+        self.grad_checkpoint = False  # a run-time switch (train.py --grad-checkpoint), not part of the config
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer('pos_embed', _sincos_positions(hidden_size, img_resolution // patch_size)[None].float())
         self.embed_t = DiTTimeEmbedding(hidden_size)
@@ -416,7 +432,7 @@ class DiT(nn.Module):
         emb = self.embed_t(c_noise_t) + self.embed_s(c_noise_s) + self.embed_label(labels)
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed          # [B, patches, hidden]
         for block in self.blocks:
-            h = block(h, emb)
+            h = _run_block(block, h, emb, self.grad_checkpoint)
         shift, scale = self.out_modulation(F.silu(emb)).chunk(2, dim=1)
         h = self.out(_modulate(self.out_norm(h), shift, scale))
         return self.unpatchify(h)

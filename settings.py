@@ -82,6 +82,7 @@ TABLE = [
     ('grad_clip',  0.0,         0.0,          0.0,         0.0,         "Table 5, App. I: no clipping"),
     ('precision',  'tf32',      'tf32',       'tf32',      'fp16',      "Table 5: TF32; App. I.6: fp16 for the best ImageNet model"),
     ('threads',    0,           1,            1,           0,           "torch's default; one CPU thread for small nets, where more only add overhead"),
+    ('grad_checkpoint', False,  False,        False,       False,       "ours: off, the paper's runs fit; on, the U-Net or DiT blocks recompute their activations in the backward pass: less memory, more time (docs/performance.md)"),
     # -- output
     ('log_every',  100,         100,          100,         100,         "ours"),
     ('ckpt_every', 5000,        500,          1000,        5000,        "ours: a few minutes of work lost at most"),
@@ -190,15 +191,22 @@ def parser():
         help='fp32; TF32 matmuls; bf16 or fp16 autocast (fp16 with a grad scaler)' + table)
     add('--threads', type=int, help="CPU threads for torch; 0 = torch's default" + table)
     add('--compile', action='store_true', help='torch.compile the network (eager, with a warning, if it fails)')
+    add('--grad-checkpoint', action=argparse.BooleanOptionalAction,
+        help="activation checkpointing of the U-Net's or DiT's blocks: less memory per micro-batch, about one more "
+             "forward of time; may change on --resume" + table)
     # output
     add('--out', help='output folder (default: runs/<dataset>)')
     add('--init-from', help="start from the EMA weights of a train.py checkpoint or of the authors' released "
                             "cifar10.pt (their network and its settings); the optimizer starts fresh")
     add('--resume', nargs='?', const='',
-        help='continue from a checkpoint (default: <out>/ckpt.pt); pass the flags of the first run')
+        help='continue from a checkpoint: alone, <out>/ckpt.pt if it exists, else start a new run (the same command '
+             'can be rerun after a preemption); PATH: that file, which must exist. Pass the flags of the first run')
     add('--log-every', type=int, help='steps between progress lines and log.jsonl entries' + table)
     add('--ckpt-every', type=int, help='steps between checkpoints' + table)
     add('--sample-every', type=int, help='steps between pictures of 1- and 2-step EMA samples; 0 = never' + table)
+    add('--wandb', metavar='PROJECT', help='also log to Weights & Biases, in this project (pip install wandb; '
+                                           'WANDB_MODE=offline where nodes have no network); a resumed run continues '
+                                           'its wandb run')
     add('--fid-every', type=int, default=0,
         help='steps between FID evaluations of the EMA at 1 and 2 steps; 0 = off (default: %(default)s)')
     add('--fid-n', type=int, default=10_000, help='generated images per FID evaluation (default: %(default)s)')
@@ -233,9 +241,10 @@ def describe(args, given, kind, table='TABLE'):
     sources = {row[0]: row[-1] for row in {'TABLE': TABLE, 'SAMPLING': SAMPLING}[table]}
     title = {'TABLE': 'settings', 'SAMPLING': 'sampling'}[table]
     lines = [f"{title} ({kind} column of settings.{table}; * = given as a flag):"]
+    width = max(map(len, sources))
     for key in sources:
         mark = '*' if key in given else ' '
-        lines.append(f"  {key:<14}{mark} {str(getattr(args, key)):<12} {'flag' if key in given else sources[key]}")
+        lines.append(f"  {key:<{width}}{mark} {str(getattr(args, key)):<12} {'flag' if key in given else sources[key]}")
     return '\n'.join(lines)
 
 
@@ -256,6 +265,9 @@ def resolve(args, data, world, init_config=None):
     except ValueError as e:
         raise UsageError(re.sub(r'IMMConfig\.(\w+)=', lambda m: f"--{m.group(1).replace('_', '-')} ", str(e))) from None
     net_config = network_config(args, data, init_config)
+    if args.grad_checkpoint and net_config['arch'] == 'mlp':
+        raise UsageError("--grad-checkpoint: the network is an MLP, which has no blocks to checkpoint; accepted "
+                         "with a U-Net or DiT")
     M = cfg.particles if args.loss == 'imm' else 1        # flow matching: every row is its own group
     check_ranges(args, data)
     if args.batch % (M * world):
@@ -299,6 +311,11 @@ def check_ranges(args, data):
     if args.fid_every and not (args.fid_ref and os.path.isfile(args.fid_ref)):
         raise UsageError(f"--fid-ref {args.fid_ref}: no such file; --fid-every needs reference statistics, "
                          f"made with: python fid.py ref --dataset {args.dataset} --out refs/stats.npz")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401 (imported here only to say at once when it is missing)
+        except ImportError:
+            raise UsageError(f"--wandb {args.wandb}: the wandb package is not installed; pip install wandb") from None
     if args.init_from and args.resume is not None:
         raise UsageError(f"--init-from {args.init_from} and --resume: give one; --resume continues a run, "
                          f"--init-from starts a new one from a network's weights")

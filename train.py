@@ -5,13 +5,14 @@ and logs go to --out (default runs/<dataset>).
 
     python train.py --dataset moons                 # 2-D toy on a CPU, a few minutes -> runs/moons/
     python train.py --dataset digits                # 8x8 handwritten digits on a CPU, ~10 minutes -> runs/digits/
-    python train.py --dataset moons --resume        # continue runs/moons/ckpt.pt (same flags as the first run)
+    python train.py --dataset moons --resume        # continue runs/moons/ckpt.pt, or start it if there is none yet
     python train.py --dataset cifar10               # the paper's CIFAR-10 run: 400k steps of batch 4096 (Table 5)
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10 --precision bf16 --compile
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
     python train.py --dataset cifar10 --fid-every 20000 --fid-ref refs/cifar10.npz   # FID while training
     python train.py --dataset cifar10 --bench 20 --precision bf16   # speed of the chosen config: one JSON line
     torchrun --standalone --nproc_per_node=8 train.py --dataset imagenet-latents.npz   # ImageNet-256 (README)
+    sbatch --nodes=4 docs/slurm.sh --dataset data/imagenet-latents.npz   # SLURM, requeued until done (docs/cluster.md)
 
 --dataset is cifar10, digits, mnist, a folder of images, a .npy/.npz array, or a 2-D toy (checkerboard, moons,
 spirals, gaussians8); see data.py. Every default is in the table of settings.py, one column per kind of data
@@ -21,6 +22,11 @@ that give good samples in a few CPU minutes); a run prints the settings it resol
 of M particles (gradient accumulation; M = 1 for flow matching). Everything random in a step is drawn from
 generators seeded by (--seed, step), so a resumed run ends with the same weights as an uninterrupted one,
 and 1 or N ranks see the same data, times and noise. Then: python sample.py --ckpt runs/moons
+
+On a cluster (docs/cluster.md): SIGTERM or Ctrl-C finishes the step, every rank stops at the same step, and rank 0
+writes the checkpoint; rerunning the same command with --resume continues it. A checkpoint that cannot be written
+(a full disk) ends the run with one line naming the file, the OS error and the step of the checkpoint still intact.
+Progress goes to stdout, log.jsonl and the picture loss.png, and to Weights & Biases with --wandb.
 
 --bench is a configuration of this same run, not a separate script: the same data, network, micro-batching,
 compile and DDP are what it times, so the figure is the speed of the run one would start (nothing is written).
@@ -37,6 +43,8 @@ import gc
 import inspect
 import json
 import os
+import random
+import re
 import resource
 import signal
 import sys
@@ -54,7 +62,8 @@ from augment import AUGMENT_DIM, apply_augment, draw_augment
 from data import Dataset, decode, encode, load_dataset, save_image_grid, save_scatter, to_uint8
 from imm import draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import build_net
-from util import UsageError, exit_on_usage_error
+from plot import draw_log
+from util import UsageError, append_line, exit_on_usage_error, os_error_text, write_atomically
 
 OPTIMIZERS = {'radam': torch.optim.RAdam, 'adamw': torch.optim.AdamW}   # both: betas (0.9, 0.999), eps 1e-8, no decay
 # Dense peak TFLOP/s of one GPU per --precision, for MFU (H200: the H100 SXM chip with more memory).
@@ -92,7 +101,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     autocast, scaler = set_precision(args.precision, device)
-    net, ema, opt, start_step, best_fid = build(args, cfg, net_config, scaler, device, data.kind, init)
+    net, ema, opt, start_step, best_fid = build(args, cfg, net_config, scaler, device, data.kind, init, say)
     per_rank = args.batch // world
     if micro == 'auto':
         micro = fit_micro_batch(net, data, cfg, args, M, per_rank, autocast, device, world > 1)
@@ -148,8 +157,8 @@ def init_processes(args):
         torch.cuda.set_device(device)
     elif device.type != 'cpu':
         raise UsageError(f"--device {args.device}: accepted cpu or cuda")
-    if distributed:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if distributed:  # gloo for CPU tensors too: the loop's yes/no agreements (any_rank) cost no GPU synchronisation
+        dist.init_process_group('cpu:gloo,cuda:nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
 
@@ -176,19 +185,27 @@ def set_precision(precision, device):
     return autocast, torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
 
 
-def build(args, cfg, net_config, scaler, device, kind, init=None):
+def build(args, cfg, net_config, scaler, device, kind, init=None, say=print):
     """(net, EMA, optimizer, first step, best FID so far): fresh from --seed (or --init-from's weights, init), or the
     state of --resume's checkpoint. A checkpoint of another config, or a run already in --out without --resume,
-    is refused before any write."""
+    is refused before any write. --resume alone starts a new run when <out>/ckpt.pt does not exist yet (a requeued
+    job reruns its first command); --resume PATH names a file, so a missing one is an error, not a new run."""
     ckpt_path = args.out and os.path.join(args.out, 'ckpt.pt')
     torch.manual_seed(args.seed)                           # the initial weights (replaced when resuming)
+    np.random.seed(args.seed)                              # unused by training, but stored in checkpoints: seeded,
+    random.seed(args.seed)                                 # a run's checkpoint is a function of its flags alone
     net = build_net(net_config)
     if init is not None:
         checkpoint.load_weights(net, init[0].state_dict(), f'--init-from {args.init_from}')
+    net.grad_checkpoint = args.grad_checkpoint             # a switch of the module, not of net_config: may change
     ckpt = None
     if args.resume is not None:
-        ckpt = checkpoint.read(args.resume or ckpt_path)
-        checkpoint.check_resumable(ckpt, args.resume or ckpt_path, net.config, cfg, args.loss, args.optimizer)
+        path = args.resume or ckpt_path                    # any_rank: every rank decides alike, even where a
+        if args.resume or any_rank(os.path.isfile(path)):  # network file system shows a node an older folder
+            ckpt = checkpoint.read(path)
+            checkpoint.check_resumable(ckpt, path, net.config, cfg, args.loss, args.optimizer)
+        else:
+            say(f"--resume: no checkpoint at {path} yet; starting a new run")
     elif ckpt_path and os.path.exists(ckpt_path):
         raise UsageError(f"{args.out!r} already holds a run ({ckpt_path}); continue it with --resume, "
                          f"or start a new one with another --out")
@@ -263,15 +280,27 @@ def compile_net(net, data, cfg, args, M, micro, autocast, device):
 
 
 class Output:
-    """The run's folder (rank 0): log.jsonl, pictures of 1- and 2-step EMA samples from fixed noise, FID
-    evaluations, checkpoints. Made after a resume has been checked, so a refused run writes nothing."""
+    """The run's folder (rank 0): log.jsonl and its picture loss.png, pictures of 1- and 2-step EMA samples from
+    fixed noise, FID evaluations, checkpoints, and --wandb. Made after a resume has been checked, so a refused run
+    writes nothing.
+
+    A checkpoint that cannot be written (no space, no permission, an I/O error) ends the run: save() prints the one
+    line that says so and returns False. The log, loss.png and the sample pictures are not needed to resume: one
+    that cannot be written gives a warning and the run goes on (its next checkpoint may still fit)."""
 
     def __init__(self, args, data, cfg, start_step, device, best_fid):
         self.args, self.cfg, self.info, self.best_fid = args, cfg, data, best_fid
-        os.makedirs(os.path.join(args.out, 'samples'), exist_ok=True)
-        if start_step:
-            checkpoint.trim_log(os.path.join(args.out, 'log.jsonl'), start_step)
-        self.log_file = open(os.path.join(args.out, 'log.jsonl'), 'a')
+        self.path = lambda name: os.path.join(args.out, name)
+        self.saved_step = start_step if os.path.exists(self.path('ckpt.pt')) else None   # the intact checkpoint
+        try:
+            os.makedirs(self.path('samples'), exist_ok=True)
+            for name in os.listdir(args.out):              # what a run killed while saving (SIGKILL) left
+                if re.fullmatch(r'ckpt(-best)?\.tmp\d+\.pt', name):
+                    os.remove(self.path(name))
+            self.history = checkpoint.trim_log(self.path('log.jsonl'), start_step)   # the steps up to the start
+            self.wandb = start_wandb(args, cfg, self.path('wandb-id'), start_step) if args.wandb else None
+        except OSError as e:
+            raise UsageError(f"--out {args.out}: cannot write there ({os_error_text(e)})") from None
         shown, num_classes = SAMPLES_SHOWN[data.kind], data.num_classes if args.cond else 0
         fixed = torch.Generator().manual_seed(args.seed)   # the same noise (and labels) in every picture
         self.noise = (cfg.sigma_d * torch.randn(shown, *data.x.shape[1:], generator=fixed)).to(device)
@@ -282,7 +311,7 @@ class Output:
             real = decode(data.x[torch.randperm(len(data.x), generator=fixed)[:shown]], 'vector', data.mean, data.std)
             lo, hi = float(real[:, :2].min()), float(real[:, :2].max())
             self.extent = (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-            save_scatter(real, os.path.join(args.out, 'data.png'), self.extent)
+            self.write_picture('data.png', lambda tmp: save_scatter(real, tmp, self.extent))
         self.fid = None
         if args.fid_every:
             from fid import InceptionFeatures, load_ref
@@ -293,8 +322,23 @@ class Output:
         return sampling_times(steps, self.cfg, self.sampling['two_step_eta'])
 
     def log(self, entry):
-        self.log_file.write(json.dumps(entry) + '\n')
-        self.log_file.flush()
+        """One entry in log.jsonl (a whole line or none), loss.png redrawn, and the entry to wandb."""
+        self.history.append(entry)
+        self.attempt('log.jsonl', lambda: append_line(self.path('log.jsonl'), json.dumps(entry) + '\n'))
+        self.write_picture('loss.png', lambda tmp: draw_log(self.history, tmp))
+        if self.wandb:
+            self.wandb.log({k: v for k, v in entry.items() if k not in ('step', 'time')}, step=entry['step'])
+
+    def write_picture(self, name, draw):
+        """draw(file) into the run's folder, whole or not at all."""
+        self.attempt(name, lambda: write_atomically(self.path(name), draw))
+
+    def attempt(self, name, write):
+        """write(); a failure warns (the file is not needed to resume) and the run goes on."""
+        try:
+            write()
+        except OSError as e:
+            print(f"warning: cannot write {self.path(name)} ({os_error_text(e)}); training goes on", file=sys.stderr)
 
     def pictures(self, ema, done):
         """1- and 2-step samples of the EMA from the fixed noise: an image grid, or a 2-D density picture."""
@@ -302,13 +346,17 @@ class Output:
         for steps in (1, 2):
             x0 = sample(ema, self.noise, self.times(steps), self.cfg, self.labels, self.sampling['guidance'],
                         denoiser=self.args.loss == 'fm')
-            path = os.path.join(self.args.out, 'samples', f'{done:07d}-{steps}step.png')
+            name = os.path.join('samples', f'{done:07d}-{steps}step.png')
             if data.kind == 'latent':  # no VAE while training: latent channels 0-2 (or 0), +-2 std, as RGB (grey)
-                save_image_grid(decode(x0[:, :3] if x0.shape[1] >= 3 else x0[:, :1], 'image'), path)
+                grid = decode(x0[:, :3] if x0.shape[1] >= 3 else x0[:, :1], 'image')
+                self.write_picture(name, lambda tmp: save_image_grid(grid, tmp))
             elif data.kind == 'image':
-                save_image_grid(decode(x0, 'image'), path)
+                self.write_picture(name, lambda tmp: save_image_grid(decode(x0, 'image'), tmp))
             else:
-                save_scatter(decode(x0, 'vector', data.mean, data.std), path, self.extent)
+                self.write_picture(name, lambda tmp: save_scatter(decode(x0, 'vector', data.mean, data.std), tmp,
+                                                                  self.extent))
+            if self.wandb and os.path.exists(self.path(name)):
+                self.wandb.log({f'samples_{steps}step': self.wandb.Image(self.path(name))}, step=done)
 
     def evaluate_fid(self, ema, autocast, done, say):
         """FID of --fid-n EMA samples at 1 and 2 steps, the same noise (and labels) each time; the best 2-step
@@ -336,11 +384,26 @@ class Output:
         return True
 
     def save(self, parts, step, name='ckpt.pt'):
-        checkpoint.save(os.path.join(self.args.out, name), checkpoint.make(
-            parts.net, parts.ema, parts.opt, parts.scaler, step, self.args, self.cfg, self.info, self.best_fid))
+        """The checkpoint of `step` as `name`; True when written. If it cannot be, the one 'error:' line that says
+        which file, why, and which checkpoint is intact (nothing half-written is left), and False."""
+        try:
+            checkpoint.save(self.path(name), checkpoint.make(
+                parts.net, parts.ema, parts.opt, parts.scaler, step, self.args, self.cfg, self.info, self.best_fid))
+        except OSError as e:
+            intact = 'no checkpoint of this run was written yet' if self.saved_step is None else \
+                f"{self.path('ckpt.pt')} (step {self.saved_step}) is intact"
+            best = f'{self.path(name)} is as it was; ' if name != 'ckpt.pt' else ''
+            print(f"error: cannot write {self.path(name)} at step {step}: {os_error_text(e)}. {best}{intact}, and "
+                  f"nothing half-written is left. Free space (or fix the folder), then run the same command with "
+                  f"--resume.", file=sys.stderr)
+            return False
+        if name == 'ckpt.pt':
+            self.saved_step = step
+        return True
 
     def close(self):
-        self.log_file.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ---- The loop
@@ -381,12 +444,14 @@ def draw_batch(step, data, args, cfg, M, rank=0, world=1):
 
 
 def train(first, last, args, cfg, data, parts, M, micro, out, rank, world, say):
-    """Optimizer steps first .. last - 1, then (status, stopped): status 1 when the loss became non-finite (the
-    last checkpoint stays intact), else 0; stopped when Ctrl-C or SIGTERM ended the run early, checkpointed."""
+    """Optimizer steps first .. last - 1, then (status, stopped): status 1 when the loss became non-finite or a
+    checkpoint could not be written (the last checkpoint stays intact), else 0; stopped when Ctrl-C or SIGTERM ended
+    the run early, checkpointed. Every rank takes each of these turns at the same step (any_rank)."""
     stop = []
     def request_stop(signum, frame):                       # finish the step, checkpoint, stop
         stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)              # a second signal stops at once
+        if signum == signal.SIGINT:                        # a second Ctrl-C stops at once; SIGTERM may come twice
+            signal.signal(signum, signal.SIG_DFL)          # (SLURM signals every process, torchrun forwards it)
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     loss_sum = torch.zeros((), device=data.x.device)       # summed on the device; read only when logging
     bad_step = torch.full((), -1, device=data.x.device)    # first step with a non-finite loss, -1 if none
@@ -394,12 +459,16 @@ def train(first, last, args, cfg, data, parts, M, micro, out, rank, world, say):
     due = lambda every, done: every and (done % every == 0 or done == args.iters)
     try:
         for step in range(first, last):
-            if stop:
-                say(f"stopped by signal {stop[0]} at step {step}")
+            signum = any_rank(stop[0] if stop else 0)      # a signal to any rank stops them all here
+            if signum:
+                say(f"stopped by signal {signum} at step {step}")
+                if world > 1:
+                    dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
                 if int(bad_step) < 0 and out is not None:
-                    out.save(parts, step)
+                    if not out.save(parts, step):
+                        return 1, True
                     say(f"wrote {os.path.join(args.out, 'ckpt.pt')} (step {step}); "
-                        f"continue with the same command plus --resume")
+                        f"continue with the same command and --resume")
                 return 0, True
             batch = draw_batch(step, data, args, cfg, M, rank, world)
             step_loss = train_step(parts, batch, cfg, args, M, micro)
@@ -422,14 +491,14 @@ def train(first, last, args, cfg, data, parts, M, micro, out, rank, world, say):
                 timer = log(loss_sum, timer, done, args, world, out, say)
             if due(args.sample_every, done) and out is not None:
                 out.pictures(parts.ema, done)
-            if due(args.fid_every, done):
-                if out is not None and out.evaluate_fid(parts.ema, parts.autocast, done, say):
-                    out.save(parts, done, 'ckpt-best.pt')
-                if world > 1:                              # rank 0 evaluates, the others wait
-                    dist.barrier()
-            if due(args.ckpt_every, done) and out is not None:
-                out.save(parts, done)
+            saved = True                                   # rank 0 evaluates and saves, the others wait
+            if due(args.fid_every, done) and out is not None and out.evaluate_fid(parts.ema, parts.autocast, done, say):
+                saved = out.save(parts, done, 'ckpt-best.pt')
+            if due(args.ckpt_every, done) and out is not None and saved:
+                saved = out.save(parts, done)
                 last_good = done
+            if (due(args.fid_every, done) or due(args.ckpt_every, done)) and any_rank(not saved):
+                return 1, False                            # rank 0 said why
         return 0, False
     finally:
         for sig, handler in previous.items():
@@ -489,6 +558,34 @@ def log(loss_sum, timer, done, args, world, out, say):
 
 
 # ---- Helpers of the loop and of --bench
+
+def any_rank(flag):
+    """The largest over all ranks of an integer flag (a yes/no, a signal number), so that every rank takes the same
+    turn; the flag itself in a single process. A CPU tensor: gloo carries it, without a GPU synchronisation."""
+    if not dist.is_initialized():
+        return int(flag)
+    value = torch.tensor(int(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
+
+
+def start_wandb(args, cfg, id_file, start_step):
+    """--wandb PROJECT: wandb.init (imported only here) with the run's settings. A resumed run continues its wandb
+    run, whose id the run's folder keeps in id_file; a new run starts a new one. Returns the wandb module."""
+    import wandb
+    resumed_id = open(id_file).read().strip() if start_step and os.path.exists(id_file) else None
+    try:
+        wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out)), id=resumed_id,
+                   resume='allow', dir=args.out, config={**vars(args), 'imm_config': dataclasses.asdict(cfg)})
+    except wandb.errors.Error as e:
+        raise UsageError(f"--wandb {args.wandb}: {e} (where nodes have no network: WANDB_MODE=offline, "
+                         f"then wandb sync)") from None
+    def write_id(tmp):
+        with open(tmp, 'w') as f:
+            f.write(wandb.run.id)
+    write_atomically(id_file, write_id)
+    return wandb
+
 
 def seed_for(*keys):
     """A 32-bit seed that mixes integer keys (seed, stream, step, ...) so that nearby keys give unrelated streams."""

@@ -1,14 +1,16 @@
 """
 What every script of this repository shares: the one error class for a user's mistakes, how a script turns it into
-one line, and writing a file whole.
+one line, writing a file (or a line of a log) whole, and naming the OS error that stopped a write.
 
     from util import UsageError, exit_on_usage_error, write_atomically
     raise UsageError(f"--batch {batch}: accepted an integer >= 1")     # bad input: one 'error: ...' line, exit 2
     write_atomically('samples.npz', lambda tmp: np.savez(tmp, arr_0=x))  # the old file or the new one, never half
+    append_line('runs/moons/log.jsonl', '{"step": 100}\n')              # the whole line or none of it
 
 A UsageError names the bad value and what is accepted. Anything else that goes wrong is a bug and keeps its traceback.
 """
 import contextlib
+import errno
 import os
 import sys
 
@@ -37,3 +39,22 @@ def write_atomically(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def append_line(path, line):
+    """Append one line to a text file whole or not at all: a failed write (a full disk) cuts the file back to where
+    it ended and raises, so the next line does not continue a broken one."""
+    with open(path, 'ab', buffering=0) as f:   # unbuffered: each write reaches the file or raises now
+        end = f.seek(0, os.SEEK_END)
+        try:
+            data = memoryview(line.encode())
+            while data:
+                data = data[f.write(data):]        # a short write is followed by one that raises
+        except OSError:
+            f.truncate(end)
+            raise
+
+
+def os_error_text(e):
+    """An OSError as its message and symbol, without the file name: 'No space left on device [ENOSPC]'."""
+    return f"{e.strerror} [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else str(e)

@@ -142,3 +142,51 @@ def test_dropout_is_active_in_train_mode_only():
     assert not torch.equal(net(x, *c), net(x, *c))
     net.eval()
     assert torch.equal(net(x, *c), net(x, *c))
+
+
+# ---- activation checkpointing (train.py --grad-checkpoint): less memory, the same gradients
+
+TINY_DIT = {**model.PRESETS['dit-s2'], 'img_resolution': 8, 'hidden_size': 32, 'depth': 2, 'num_heads': 4,
+            'num_classes': 10, 'dropout': 0.1}
+
+
+def _imm_gradients(config, grad_checkpoint, x, labels):
+    """Gradients of the IMM loss (target pass under no_grad, then the gradient pass; dropout on) from fixed draws."""
+    import imm
+    torch.manual_seed(0)
+    net = model.build_net(config).train()
+    with torch.no_grad():                                  # every weight random: no zero-initialised branch hides
+        for p in net.parameters():
+            p.normal_(0, p[0].numel() ** -0.5 if p.ndim > 1 else 0.2)
+    net.grad_checkpoint = grad_checkpoint
+    cfg = imm.IMMConfig()
+    gen = torch.Generator().manual_seed(1)
+    t, s = imm.draw_times(len(x) // cfg.particles, cfg, generator=gen)
+    noise = cfg.sigma_d * torch.randn(x.shape, generator=gen)
+    torch.manual_seed(2)                                   # the dropout masks
+    imm.imm_loss(net, x, noise, t, s, cfg, labels).backward()
+    return {name: p.grad for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize('config', [{**model.PRESETS['tiny'], 'img_resolution': 8, 'dropout': 0.2}, TINY_DIT],
+                         ids=['unet-dropout', 'dit-dropout'])
+def test_grad_checkpoint_gives_the_gradients_of_the_plain_network(config):
+    x = torch.randn(8, config['in_channels'], 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(8) % 10 if config['num_classes'] else None
+    plain, checkpointed = (_imm_gradients(config, on, x, labels) for on in (False, True))
+    assert all(plain[k].abs().sum() > 0 for k in plain)   # dropout and every block are in the gradient
+    for k in plain:                                        # the recomputation draws the same dropout masks
+        assert torch.equal(plain[k], checkpointed[k]), k
+
+
+def test_grad_checkpoint_is_a_no_op_without_gradients_and_not_part_of_the_config(monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, 'checkpoint', lambda fn, *args, **kw: calls.append(1) or fn(*args))
+    net = model.build_net(TINY_DIT)
+    net.grad_checkpoint = True
+    x, c = torch.randn(2, 4, 8, 8), _conditions(2)
+    with torch.no_grad():                                  # IMM's target pass, sampling
+        net(x, *c)
+    assert calls == []
+    net(x, *c)
+    assert len(calls) == TINY_DIT['depth'] and 'grad_checkpoint' not in net.config

@@ -2,7 +2,8 @@
 split the work, and that bad input ends in one clear message with nothing damaged.
 
 Runs are tiny (a 32-wide MLP on a 2-D toy, a few steps on the CPU); most call train.main() in this process,
-a few run the script as a user would (Ctrl-C, torchrun, the error line).
+a few run the script as a user or a cluster would (Ctrl-C, SIGTERM and a requeue, torchrun, the error line, a disk
+that fills up).
 """
 import json
 import os
@@ -215,8 +216,8 @@ def test_a_checkpoint_of_another_config_or_a_corrupt_one_is_refused_untouched(tm
     corrupt.write_bytes(b'\x00' * 100)
     with pytest.raises(UsageError, match="cannot read checkpoint .*corrupt.pt"):
         train.main(toy(out, '--resume', corrupt))
-    with pytest.raises(UsageError, match="does not exist"):
-        train.main(toy(tmp_path / 'elsewhere', '--resume'))
+    with pytest.raises(UsageError, match="missing.pt: no such file"):     # a file named must exist
+        train.main(toy(tmp_path / 'elsewhere', '--resume', tmp_path / 'missing.pt'))
     with pytest.raises(UsageError, match="--init-from .* and --resume: give one"):
         train.main(toy(out, '--resume', '--init-from', out / 'ckpt.pt'))
     assert all(p.read_bytes() == b for p, b in before.items()) and corrupt.read_bytes() == b'\x00' * 100
@@ -395,3 +396,177 @@ def test_a_few_steps_on_the_digits_train_the_small_unet_and_save_a_checkpoint(tm
     assert ckpt['net_config']['in_channels'] == 1 and ckpt['net_config']['num_classes'] == 10
     assert ckpt['args']['model'] == 'small' and ckpt['args']['xflip'] is False
     assert sorted(os.listdir(tmp_path / 'samples')) == ['0000002-1step.png', '0000002-2step.png']
+
+
+# ---- what a cluster does to a run: signals, requeues, full disks
+
+def same_run(a, b, where='ckpt'):
+    """Assert that two checkpoints hold equal values, every tensor bitwise (torch.equal), the output folder aside."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if where != "ckpt['args']" or k != 'out':
+                same_run(a[k], b[k], f'{where}[{k!r}]')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            same_run(u, v, f'{where}[{i}]')
+    else:
+        assert a == b, where
+
+
+def start_script(*args):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc, prefix):
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f'no line starting with {prefix!r}; stderr: {proc.stderr.read()}')
+
+
+def test_a_requeued_run_reruns_the_same_command_and_ends_as_one_uninterrupted_run(tmp_path):
+    command = ['train.py', *toy(tmp_path / 'requeued', '--dropout', '0.1', '--cond', '--resume', '--log-every', 1,
+                                iters=100)]                    # steps enough that the signal lands mid-run
+    first = start_script(*command)
+    assert wait_for_line(first, '--resume: no checkpoint at').endswith('yet; starting a new run\n')
+    wait_for_line(first, 'step 3/')
+    first.send_signal(signal.SIGTERM)                          # SLURM's signal, and torchrun's forwarded copy:
+    first.send_signal(signal.SIGTERM)                          # the second must not kill the run
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and 'Traceback' not in err, err
+    stopped_at = load(tmp_path / 'requeued' / 'ckpt.pt')['step']
+    assert 3 <= stopped_at < 100 and f'(step {stopped_at}); continue with the same command' in out
+    again = run_script(*command)                               # the requeued job: the identical command
+    assert again.returncode == 0 and f'steps {stopped_at}->100' in again.stdout, again.stderr
+    assert train.main(toy(tmp_path / 'straight', '--dropout', '0.1', '--cond', '--resume', '--log-every', 1,
+                          iters=100)) == 0
+    same_run(load(tmp_path / 'straight' / 'ckpt.pt'), load(tmp_path / 'requeued' / 'ckpt.pt'))
+    steps = [e['step'] for e in checkpoint.read_log(tmp_path / 'requeued' / 'log.jsonl')]
+    assert steps == list(range(1, 101))                         # the log and loss.png show the whole run
+    assert (tmp_path / 'requeued' / 'loss.png').exists()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_rank_0_saves(tmp_path):
+    agent = start_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                         *toy(tmp_path, '--log-every', 1, iters=100_000))
+    wait_for_line(agent, 'step 2/')
+    workers = [int(pid) for pid in os.listdir('/proc') if pid.isdigit()
+               and Path(f'/proc/{pid}/stat').exists() and open(f'/proc/{pid}/stat').read().split(')')[-1].split()[1]
+               == str(agent.pid)]
+    rank_1 = [pid for pid in workers if b'RANK=1' in Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')]
+    assert len(rank_1) == 1, workers
+    os.kill(rank_1[0], signal.SIGTERM)                         # rank 0 is not signalled
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0 and 'Traceback' not in err, err
+    stopped_at = int(re.search(r'stopped by signal 15 at step (\d+)', out)[1])
+    assert load(tmp_path / 'ckpt.pt')['step'] == stopped_at and f'(step {stopped_at})' in out
+
+
+def test_a_checkpoint_over_the_file_size_limit_ends_the_run_in_one_line_and_keeps_the_last(tmp_path):
+    import resource
+    assert train.main(toy(tmp_path, iters=3)) == 0
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    limit = len(before) // 2                                   # the log and loss.png fit, a checkpoint does not
+    result = subprocess.run([sys.executable, 'train.py', *toy(tmp_path, '--resume', iters=6)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot write {tmp_path / 'ckpt.pt'} at step 6: File too large [EFBIG]. "
+                                    f"{tmp_path / 'ckpt.pt'} (step 3) is intact, and nothing half-written is left.")
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before and not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+def test_a_temporary_checkpoint_left_by_a_killed_run_is_removed_at_the_next_start(tmp_path):
+    assert train.main(toy(tmp_path, iters=3)) == 0
+    (tmp_path / 'ckpt.tmp12345.pt').write_bytes(b'half a checkpoint')      # SIGKILL while writing
+    assert train.main(toy(tmp_path, '--resume', iters=4)) == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith('ckpt')) == ['ckpt.pt']
+
+
+def in_new_mount_namespace(script):
+    """Run a shell script as root of a new user and mount namespace (where it may mount a tmpfs); skip where this
+    machine does not allow one."""
+    if subprocess.run(['unshare', '-rm', 'true'], capture_output=True).returncode != 0:
+        pytest.skip('unshare -rm (a user and mount namespace) is not allowed here: cannot mount a small tmpfs')
+    return subprocess.run(['unshare', '-rm', 'sh', '-c', script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    disk, kept = tmp_path / 'disk', tmp_path / 'kept'
+    disk.mkdir()
+    train_cmd = ' '.join([sys.executable, 'train.py', *map(str, toy(disk / 'run', iters=6))])
+    result = in_new_mount_namespace(f'mount -t tmpfs -o size=800k tmpfs {disk} && {train_cmd}; '
+                                    f'echo "exit $?" >&2; cp -r {disk / "run"} {kept}')   # one checkpoint fits, not two
+    err = result.stderr.splitlines()
+    assert err[-1] == 'exit 1' and len(err) == 2, result.stderr
+    assert err[0].startswith(f"error: cannot write {disk / 'run' / 'ckpt.pt'} at step 6: No space left on device "
+                             f"[ENOSPC]. {disk / 'run' / 'ckpt.pt'} (step 3) is intact")
+    assert load(kept / 'ckpt.pt')['step'] == 3 and not [f for f in os.listdir(kept) if '.tmp' in f]
+
+
+@pytest.mark.slow
+def test_an_output_folder_on_a_read_only_file_system_is_refused_in_one_line(tmp_path):
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    run = ' '.join([sys.executable, 'train.py', *map(str, toy(disk / 'run', '--resume', iters=3))])
+    result = in_new_mount_namespace(f'mount -t tmpfs tmpfs {disk} && {run} >/dev/null && '
+                                    f'mount -o remount,ro {disk} && {run}')
+    assert result.returncode == 2 and result.stderr == \
+        f"error: --out {disk / 'run'}: cannot write there (Read-only file system [EROFS])\n"
+
+
+def test_a_picture_that_cannot_be_written_warns_and_training_goes_on(tmp_path, capsys):
+    (tmp_path / 'samples' / '0000003-1step.png').mkdir(parents=True)   # something in the way of the files
+    (tmp_path / 'loss.png').mkdir()
+    assert train.main(toy(tmp_path, '--sample-every', 3, iters=6)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: cannot write {tmp_path / 'loss.png'} (Is a directory [EISDIR]); training goes on" in err
+    assert f"warning: cannot write {tmp_path / 'samples' / '0000003-1step.png'} (Is a directory" in err
+    assert load(tmp_path / 'ckpt.pt')['step'] == 6 and (tmp_path / 'samples' / '0000006-2step.png').exists()
+
+
+def test_a_log_line_cut_short_is_left_out_when_the_log_is_read(tmp_path):
+    (tmp_path / 'log.jsonl').write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert checkpoint.trim_log(tmp_path / 'log.jsonl', 2) == [{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.4}]
+    assert checkpoint.read_log(tmp_path / 'log.jsonl') == [{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.4}]
+
+
+def test_grad_checkpoint_may_change_when_a_run_resumes_and_is_refused_for_the_mlp(tmp_path):
+    np.savez(tmp_path / 'images.npz', x=np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    flags = ['--dataset', tmp_path / 'images.npz', '--model', 'tiny', '--batch', 8, '--dropout', 0.2,
+             '--sample-every', 0, '--ckpt-every', 2, '--device', 'cpu']
+    assert train.main(list(map(str, flags + ['--out', tmp_path / 'plain', '--iters', 4]))) == 0
+    assert train.main(list(map(str, flags + ['--out', tmp_path / 'switched', '--iters', 2, '--grad-checkpoint']))) == 0
+    assert train.main(list(map(str, flags + ['--out', tmp_path / 'switched', '--iters', 4, '--resume']))) == 0
+    same_run(load(tmp_path / 'plain' / 'ckpt.pt')['net'], load(tmp_path / 'switched' / 'ckpt.pt')['net'])
+    with pytest.raises(UsageError, match='--grad-checkpoint: the network is an MLP'):
+        train.main(toy(tmp_path / 'mlp', '--grad-checkpoint'))
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_and_a_resumed_run_continues_its_wandb_run(tmp_path):
+    pytest.importorskip('wandb', reason='--wandb needs the wandb package: pip install wandb')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'}
+    for iters in (3, 6):                                       # a run, then its resumption
+        result = subprocess.run([sys.executable, 'train.py', *toy(tmp_path, '--resume', '--sample-every', 3,
+                                                                  '--wandb', 'imm-test', iters=iters)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    run_id = (tmp_path / 'wandb-id').read_text()
+    runs = sorted(p.name for p in (tmp_path / 'wandb').glob('offline-run-*'))
+    assert len(runs) == 2 and all(name.endswith(f'-{run_id}') for name in runs)
+    assert all((tmp_path / 'wandb' / name / f'run-{run_id}.wandb').stat().st_size > 0 for name in runs)
+
+
+def test_wandb_missing_is_said_in_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)           # as if it were not installed
+    with pytest.raises(UsageError, match='--wandb imm-test: the wandb package is not installed; pip install wandb'):
+        train.main(toy(tmp_path / 'run', '--wandb', 'imm-test'))
+    assert not (tmp_path / 'run').exists()
