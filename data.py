@@ -461,7 +461,7 @@ def _whole_on(array, device):
     return whole
 
 
-def _chunks(array, values=1 << 24):
+def _chunks(array, values=1 << 22):
     """array [N, ...] in chunks of whole rows, about `values` values each, read into memory. A map is read with plain
     file reads: a pass over it then leaves none of its pages counted in this process's memory (RSS); they stay in the
     page cache, which the ranks of a node share and the kernel can drop."""

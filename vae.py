@@ -27,6 +27,7 @@ free disk space for twice the file; the .npz is written atomically: an interrupt
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -55,15 +56,15 @@ def load_vae(name, device):
     return vae.eval().requires_grad_(False).to(device)
 
 
-# For sd-vae-ft-ema the release's statistics are written as they are, so that a model trained here has the
-# release's normalisation (and the authors' checkpoints ours); ours are computed beside them as a check. Its code
-# normalises the latents it draws, so its values stand for the draws' statistics, as ours do (whether they were
-# computed from draws or from posterior means is not in the release; the two differ by the posterior's variance).
-# A difference is read in units of the channel's std, what the normalisation divides by: 1% moves the normalised
-# data's mean by 0.01 of its std, or its std by 1%. The same images encoded as the release encodes them differ from
-# it only in the VAE's precision (fp16 there, fp32 here) and the fp16 storage, per-value roundings that average out
-# over 1.28M x 32 x 32 values per channel to far less than 1%; more than 1% means other data (a subset, another
-# resolution or crop) or another VAE under that name.
+# sd-vae-ft-ema gets the release's statistics as they are, so that a model trained here is normalised as the
+# release's models are; ours are computed beside them as a check. The release normalises the latents it draws, so
+# its values stand for the draws' statistics, which latent_statistics computes (its code does not say whether they
+# were measured on draws or on posterior means; the two differ by the mean posterior variance). A difference is read
+# in units of the channel's std, what the normalisation divides by: 1% moves the normalised data's mean by 0.01 of
+# its std, or scales its std by 1.01. The same images encoded as the release encodes them differ only by the VAE's
+# precision (fp16 there, fp32 here) and the fp16 storage, roundings per value that average out over 1.28M x 32 x 32
+# values per channel to far less than 1%; more than 1% means other data (a subset, another resolution or crop) or
+# another VAE under that name.
 RELEASE_AGREEMENT = 0.01
 
 
@@ -139,20 +140,21 @@ def normalisation(vae_name, posterior_mean, posterior_std):
     channel), or for sd-vae-ft-ema the release's, printed beside ours with a warning naming the largest difference
     when it is more than RELEASE_AGREEMENT of the channel's std."""
     mean, std = latent_statistics(posterior_mean, posterior_std)
-    print(f"per-channel statistics of the latent draws over {len(posterior_mean)} images: mean {np.round(mean, 5).tolist()}, "
-          f"std {np.round(std, 5).tolist()}")
+    print(f"statistics of the latent draws over {len(posterior_mean)} images, per channel: "
+          f"mean {np.round(mean, 5).tolist()}, std {np.round(std, 5).tolist()}")
     if vae_name != DEFAULT_VAE:
         return dict(latent_mean=mean, latent_std=std)
     release_mean, release_std = np.array(IMAGENET_LATENT_MEAN), np.array(IMAGENET_LATENT_STD)
-    print(f"the release's for {DEFAULT_VAE} (written): mean {release_mean.tolist()}, std {release_std.tolist()}")
+    print(f"the release's for {DEFAULT_VAE}, written: mean {release_mean.tolist()}, std {release_std.tolist()}")
     differences = {f'{what} of channel {c}': abs(ours[c] - release[c]) / release_std[c]
                    for what, ours, release in (('mean', mean, release_mean), ('std', std, release_std))
-                   for c in range(len(release))} if len(mean) == len(release_mean) else {'channels': np.inf}
+                   for c in range(len(release))}
     worst = max(differences, key=differences.get)
     if differences[worst] > RELEASE_AGREEMENT:
         print(f"warning: these latents' statistics differ from the release's by up to {differences[worst]:.1%} of a "
-              f"channel's std ({worst}; expected under {RELEASE_AGREEMENT:.0%} for ImageNet's train set at 256 px); "
-              f"the release's are written all the same, so that models trained on them match the release's", flush=True)
+              f"channel's std ({worst}; under {RELEASE_AGREEMENT:.0%} expected for ImageNet's train set at 256 px); "
+              f"the release's are written all the same, so that models trained on them match the release's",
+              file=sys.stderr)
     return dict(latent_mean=release_mean, latent_std=release_std)
 
 

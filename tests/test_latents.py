@@ -358,9 +358,12 @@ def test_sd_vae_ft_ema_gets_the_releases_statistics_with_a_warning_when_ours_dif
     for shift, warned in ((0.0, False), (0.05, True)):
         means = like_release + shift * release_std[2] * (np.arange(4) == 2)[:, None, None]   # channel 2 moved
         written = vae_script.normalisation(authors.DEFAULT_VAE, means, np.zeros_like(means))
-        assert np.array_equal(written['latent_mean'], release_mean) and np.array_equal(written['latent_std'], release_std)
-        out = capsys.readouterr().out
-        assert ('warning: ' in out and 'up to 5.0%' in out and 'mean of channel 2' in out) == warned
+        assert np.array_equal(written['latent_mean'], release_mean)
+        assert np.array_equal(written['latent_std'], release_std)
+        printed = capsys.readouterr()
+        assert "the release's for stabilityai/sd-vae-ft-ema, written" in printed.out        # beside ours
+        assert ('warning: ' in printed.err and 'up to 5.0%' in printed.err and 'mean of channel 2' in printed.err) \
+            == warned
     assert np.allclose(vae_script.normalisation('other/vae', like_release, np.zeros_like(z))['latent_std'],
                        release_std)                      # another VAE: its own statistics
 
