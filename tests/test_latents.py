@@ -6,6 +6,7 @@ The VAE is a tiny randomly initialised diffusers AutoencoderKL written to a fold
 downloaded. Tests that need diffusers skip without it (requirements-test.txt installs it).
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
+sys.path.insert(0, str(ROOT / 'tools'))
 
 import checkpoint  # noqa: E402
+import latent_memory  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train  # noqa: E402
 import vae as vae_script  # noqa: E402
@@ -238,6 +241,19 @@ def test_a_file_of_posterior_means_alone_trains_on_them_with_a_note(tmp_path, ca
     out = capsys.readouterr().out
     assert 'holds no posterior_std' in out and 'latents: posterior means, ' in out
     assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['args']['latent_draw'] is False
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='the tool reads memory from Linux /proc')
+def test_the_memory_tool_writes_latent_files_that_train_py_maps_and_reads_them_all(tmp_path, capsys):
+    latent_memory.main(['write', str(tmp_path / 'both.npz'), '--n', '8'])
+    latent_memory.main(['write', str(tmp_path / 'means.npz'), '--n', '8', '--means-only'])
+    both, means = (load_dataset(str(tmp_path / f)) for f in ('both.npz', 'means.npz'))
+    assert isinstance(both.x.posterior_std, np.memmap) and means.x.posterior_std is None
+    assert list(both.x.shape) == [8, 4, 32, 32] and np.allclose(both.mean, MEAN) and both.vae == authors.DEFAULT_VAE
+    capsys.readouterr()
+    latent_memory.main(['epoch', str(tmp_path / 'both.npz')])
+    line = json.loads(capsys.readouterr().out)
+    assert {'load_s', 'epoch_s', 'loaded', 'after_epoch'} <= set(line) and line['after_epoch']['VmHWM'] > 0
 
 
 def test_latent_draws_are_refused_for_data_without_a_posterior():
