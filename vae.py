@@ -14,12 +14,13 @@ no flips, and encoded to the VAE's posterior, a normal distribution per latent v
 does, the file keeps the posterior's mean and std, and train.py draws a fresh latent mean + std * n each time an
 image is used (--no-latent-draw: the mean). The .npz holds
     x              float16 [N, 4, R/8, R/8]  the posterior means: raw latents (the release also runs its VAE in fp16)
-    posterior_std  float16 [N, 4, R/8, R/8]  the posterior's stds (twice the bytes of x alone: 21 GB for ImageNet)
+    posterior_std  float16 [N, 4, R/8, R/8]  the posterior's stds (with x: 21.0 GB for ImageNet, x alone 10.5 GB)
     labels         int64 [N]                 the sub-folder's index among the sorted sub-folders (ImageNet: class id)
     classes        str [K]                   the sub-folder names, in label order
     latent_mean, latent_std  float64 [C]     what data.py normalises the channels by: the per-channel mean and std
                                              over the whole set of the latents training draws (data.latent_statistics);
-                                             for sd-vae-ft-ema the release's ImageNet values (App. I), checked to agree
+                                             for sd-vae-ft-ema the release's ImageNet values (App. I), ours
+                                             printed beside them (RELEASE_AGREEMENT: when they disagree)
     vae            str                       --vae, which sample.py decodes with
 It is an uncompressed .npz (np.savez), so train.py memory-maps x and posterior_std instead of reading them. The two
 arrays are filled on disk, memory-mapped in a temporary folder beside --out, so encoding needs little memory but
