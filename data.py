@@ -1,5 +1,6 @@
 """
-Training data for IMM: every dataset ends up as one tensor in memory; decoding back to data, and pictures.
+Training data for IMM: every dataset ends up as one tensor in memory, except latents, which stay in their file
+(memory-mapped) and are read a batch at a time; decoding back to data, and pictures.
 
     from data import load_dataset
     data = load_dataset('cifar10', data_dir='data')   # data.x: uint8 [50000, 3, 32, 32], data.labels: int64 [50000]
@@ -14,10 +15,11 @@ What `name` can be:
   latents [N, C, H, W]. A .npz holds one array, or the data under 'x' and optional int labels under 'labels'.
 - latents (kind 'latent'): any float [N, C, H, W] array, e.g. the .npz that `python vae.py IMAGE_FOLDER --out F.npz`
   writes (Stable Diffusion VAE latents of ImageNet, the paper's ImageNet-256 data, App. I). Such a file holds
-  x (the raw latents), labels, latent_mean and latent_std (float [C]: the per-channel statistics to normalise by;
-  vae.py writes the release's ImageNet values for sd-vae-ft-ema) and vae (the VAE's name, which sample.py decodes
-  with). Without latent_mean/latent_std, each channel is normalised by its own mean and std over the file, as
-  vectors are.
+  x (the raw latents: the mean of the VAE's posterior), posterior_std (the posterior's std, same shape), labels,
+  latent_mean and latent_std (float [C]: the per-channel statistics to normalise by; vae.py writes the release's
+  ImageNet values for sd-vae-ft-ema, its own statistics of the data otherwise) and vae (the VAE's name, which
+  sample.py decodes with). Without latent_mean/latent_std, each channel is normalised by the file's own
+  statistics (latent_statistics). data.x is then a Latents (below), not a tensor.
 - 'digits': the 1,797 8x8 handwritten digits that scikit-learn ships (no download; scikit-learn is an optional
   dependency), grey levels 0..16 scaled to uint8 0..255, 1 channel, labels 0..9.
 - 'mnist': the 60k 28x28 MNIST training digits, read from <data_dir>/MNIST/raw (the idx files); downloaded
@@ -27,14 +29,18 @@ What `name` can be:
 Images stay uint8 here; encode() maps a batch to [-1, 1] when train.py draws it. Vectors are standardised per
 dimension to std sigma_d, the data scale the IMM schedules assume (docs/method.md, section 1);
 `mean` and `std` undo it. Latents are normalised per channel the same way, x = (raw - mean) / std * sigma_d
-(normalise_latents; denormalise_latents undoes it), and kept in float16 (ImageNet's 1.28M latents: 10.5 GB; the
-release also runs its VAE in fp16); train.py casts each batch to float32.
+(normalise_latents; denormalise_latents undoes it), per batch as train.py draws it: a Latents keeps the raw
+arrays memory-mapped from an uncompressed .npy / .npz (ImageNet's posterior means and stds in float16: 21 GB), or
+whole on the GPU when they fit, and gathers each batch's rows (Latents.batch).
 decode() maps the network's outputs back (to uint8 images, vector units, raw latents); save_image_grid and
 save_scatter write the pictures that train.py and sample.py show. EDM's augmentation of image batches is augment.py.
 """
 
+import itertools
 import os
 import pickle
+import struct
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,8 +60,8 @@ ACCEPTED = "'cifar10', 'digits', 'mnist', a folder of images, a .npy/.npz file, 
 class Dataset:
     name: str
     kind: str                          # 'image', 'vector' or 'latent'
-    x: torch.Tensor                    # uint8 [N, C, H, W] images, float32 [N, D] standardised vectors,
-                                       # or float16 [N, C, H, W] normalised latents
+    x: 'torch.Tensor | Latents'        # uint8 [N, C, H, W] images, float32 [N, D] standardised vectors,
+                                       # or Latents: raw latents [N, C, H, W], mapped from their file
     labels: torch.Tensor | None        # int64 [N] in [0, num_classes), or None
     num_classes: int                   # 0 when there are no labels
     mean: torch.Tensor | None = None   # float32 [D] (vectors) or [C] (latents): x_raw = x / sigma_d * std + mean
@@ -300,7 +306,7 @@ def _read_array(path, resolution):
     what = ("uint8 images [N, H, W, C], [N, C, H, W] or [N, H, W] (C = 1 or 3), "
             "float vectors [N, D], or float latents [N, C, H, W] with H = W")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, mmap_mode='r', allow_pickle=False)   # a .npy is mapped; an .npz's members below
     except Exception as e:
         raise UsageError(f"cannot read {path!r} as a numpy file ({type(e).__name__}: {e})") from None
     labels, latent = None, {}
@@ -308,11 +314,13 @@ def _read_array(path, resolution):
         with loaded:
             keys = list(loaded.keys())
             if len(keys) == 1:
-                array = loaded[keys[0]]
+                array = _npz_member(path, loaded, keys[0])
             elif 'x' in keys:
-                array = loaded['x']
+                array = _npz_member(path, loaded, 'x')
                 labels = loaded['labels'] if 'labels' in keys else None
                 latent = {k: loaded[k] for k in LATENT_KEYS if k in keys}
+                if 'posterior_std' in keys:
+                    latent['posterior_std'] = _npz_member(path, loaded, 'posterior_std')
             else:
                 raise UsageError(f"{path!r} holds arrays {keys}; expected one array, or 'x' (and optional 'labels')")
     else:
@@ -330,6 +338,8 @@ def _read_array(path, resolution):
                          f"{list(array.shape)}; expected float latents [N, C, H, W] with H = W")
     if is_latent:
         return _latents(path, array, labels, **latent)
+    if isinstance(array, np.memmap):
+        array = np.array(array)                                      # images and vectors are read into memory
     if array.dtype == np.uint8 and array.ndim in (3, 4):
         if array.ndim == 3:
             images = array[:, None]                                  # [N, H, W] grey
@@ -349,9 +359,12 @@ def _read_array(path, resolution):
 
 # ----------------------------------------------------------------------------------------------------
 # Latents: float [N, C, H, W] from a VAE (vae.py), normalised per channel to std sigma_d (App. I: the ImageNet
-# latents' channels are normalised by fixed means and stds, then multiplied by 0.5 = sigma_d).
+# latents' channels are normalised by fixed means and stds, then multiplied by 0.5 = sigma_d). They stay in their
+# file, memory-mapped, and each training step reads its rows: ImageNet's posterior means and stds are 21 GB, which
+# the 8 ranks of a node could not each hold in memory.
 
-LATENT_KEYS = ('latent_mean', 'latent_std', 'vae')   # what a latent .npz may hold beside x and labels
+LATENT_KEYS = ('latent_mean', 'latent_std', 'vae')   # the small arrays a latent .npz may hold beside x and labels
+DEVICE_SHARE = 0.2    # latents go to a GPU whole when they take at most this share of its memory (see fits_on_device)
 
 
 def normalise_latents(raw, mean, std):
@@ -364,19 +377,156 @@ def denormalise_latents(x, mean, std):
     return x / SIGMA_D * std[:, None, None] + mean[:, None, None]
 
 
-def _latents(name, array, labels=None, latent_mean=None, latent_std=None, vae=None):
-    """Latents normalised by the file's latent_mean / latent_std, or by their own per-channel statistics;
-    held in float16, normalised in chunks so that ImageNet's array is never copied whole in float32."""
+def latent_statistics(posterior_mean, posterior_std=None):
+    """Per-channel mean and std (float64 [C]) over the whole set of the latents training draws, mean + std * n with
+    n ~ N(0, I), in closed form: their mean is that of the posterior means, their variance the posterior means'
+    variance plus the mean of std^2. Without posterior_std, those of the array itself. Accumulated in float64."""
+    c = posterior_mean.shape[1]
+    total, total_sq, count = np.zeros(c), np.zeros(c), 0
+    stds = _chunks(posterior_std) if posterior_std is not None else itertools.repeat(None)
+    for means, std in zip(_chunks(posterior_mean), stds):
+        means = means.astype(np.float64)
+        total += means.sum((0, 2, 3))
+        total_sq += (means ** 2).sum((0, 2, 3)) + (0 if std is None else (std.astype(np.float64) ** 2).sum((0, 2, 3)))
+        count += means.size // c
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean ** 2, 0))
+
+
+def fits_on_device(nbytes, device):
+    """Whether latents of nbytes go to the device whole: a GPU, and at most DEVICE_SHARE of its memory, so that the
+    rest is left to the network, its optimizer state and the activations (DiT-XL/2's weights, gradients, EMA and
+    AdamW state alone take 13.5 GB). On a CPU they stay mapped: a copy in memory is what mapping saves."""
+    return device.type == 'cuda' and nbytes <= DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+class Latents:
+    """Dataset.x of latents: the raw posterior means [N, C, H, W] and, when the file holds them, the posterior's stds,
+    with the per-channel statistics that normalise them. Loaded, the arrays are memory-mapped from the file (numpy
+    arrays, in memory only for a compressed .npz); placed() puts them where a device's steps read them, and batch()
+    gives a step's rows, drawn and normalised, on that device. shape, dtype, ndim and len() describe those rows, so
+    code that reads Dataset.x's shape (settings, checkpoint.data_info) reads a Latents as it reads an image tensor."""
+
+    def __init__(self, posterior_mean, posterior_std, mean, std, device='cpu'):
+        self.posterior_mean, self.posterior_std = posterior_mean, posterior_std
+        self.mean, self.std = mean, std                    # float32 [C], on device
+        self.device = torch.device(device)
+        self.shape, self.dtype, self.ndim = torch.Size(posterior_mean.shape), torch.float32, posterior_mean.ndim
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def on_host(self):
+        return isinstance(self.posterior_mean, np.ndarray)
+
+    def nbytes(self, draw=True):
+        """Bytes of the arrays a run reads: the posterior means, and their stds when it draws."""
+        return sum(a.nbytes for a in (self.posterior_mean, self.posterior_std if draw else None) if a is not None)
+
+    def placed(self, device, whole, draw=True):
+        """These latents for training on device: the arrays copied there whole (chunk by chunk), or left mapped for
+        batch() to gather on the host. Without draw, the stds are dropped and every use is the posterior mean."""
+        arrays = [self.posterior_mean, self.posterior_std if draw else None]
+        if whole:
+            arrays = [None if a is None else _whole_on(a, device) for a in arrays]
+        return Latents(*arrays, self.mean.to(device), self.std.to(device), device)
+
+    def batch(self, rows, noise=None):
+        """The normalised latents float32 [B, C, H, W] of these rows on the device: mean + std * noise with noise
+        (one fresh latent per use), else the posterior means. rows live on the CPU when on_host."""
+        raw = self._gather(self.posterior_mean, rows)
+        if noise is not None:
+            raw = raw + self._gather(self.posterior_std, rows) * noise
+        return normalise_latents(raw, self.mean, self.std)
+
+    def _gather(self, array, rows):
+        """float32 rows of array on the device: indexed there, or read from the map into pinned memory and copied
+        without blocking (the pinned block is not reused before its copy is done)."""
+        if not self.on_host:
+            return array[rows].float()
+        gathered = torch.from_numpy(array[rows.numpy()])
+        if self.device.type == 'cuda':
+            gathered = gathered.pin_memory().to(self.device, non_blocking=True)
+        return gathered.float()
+
+
+def _whole_on(array, device):
+    """A numpy array (or map) as one tensor on device, of its dtype, copied over chunk by chunk."""
+    whole = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, device=device)
+    done = 0
+    for chunk in _chunks(array):
+        whole[done:done + len(chunk)] = torch.from_numpy(chunk)
+        done += len(chunk)
+    return whole
+
+
+def _chunks(array, values=1 << 22):
+    """array [N, ...] in chunks of whole rows, about `values` values each, read into memory. A map is read with plain
+    file reads: a pass over it then leaves none of its pages counted in this process's memory (RSS); they stay in the
+    page cache, which the ranks of a node share and the kernel can drop."""
+    row = int(np.prod(array.shape[1:]))
+    rows = max(1, values // max(row, 1))
+    if not isinstance(array, np.memmap):
+        yield from (array[i:i + rows] for i in range(0, len(array), rows))
+        return
+    with open(array.filename, 'rb') as f:
+        f.seek(array.offset)
+        for i in range(0, len(array), rows):
+            n = min(rows, len(array) - i)
+            yield np.fromfile(f, array.dtype, n * row).reshape(n, *array.shape[1:])
+
+
+def _npz_member(path, npz, key):
+    """The array `key` of an .npz: memory-mapped read-only where it can be (_map_npz_member), else read."""
+    mapped = _map_npz_member(path, key)
+    return npz[key] if mapped is None else mapped
+
+
+def _map_npz_member(path, key):
+    """The .npz member `key` as a read-only np.memmap, or None where it cannot be mapped: a compressed member
+    (np.savez_compressed), a Fortran-ordered or empty one. np.savez stores members uncompressed, so each .npy lies
+    in the zip file as it is: the member's local header (30 bytes, then its name and extra field, whose lengths
+    are at bytes 26 and 28), the .npy header, then the data."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(key + '.npy')
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b'PK\x03\x04':
+            return None
+        f.seek(info.header_offset + 30 + sum(struct.unpack('<HH', local[26:30])))
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            return None
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if fortran_order or dtype.hasobject or not np.prod(shape):
+        return None
+    return np.memmap(path, dtype, 'r', offset, shape)
+
+
+def _latents(name, array, labels=None, posterior_std=None, latent_mean=None, latent_std=None, vae=None):
+    """Latents as they are in the file (mapped), normalised by its latent_mean / latent_std or else by the
+    statistics of their own draws (latent_statistics). One pass of plain reads checks that they are finite."""
     n, c = array.shape[:2]
+    if isinstance(array, np.memmap) and not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)                # a Fortran-ordered .npy: read into memory
+    if posterior_std is not None and (posterior_std.shape != array.shape
+                                      or not np.issubdtype(posterior_std.dtype, np.floating)):
+        raise UsageError(f"{name!r}: posterior_std is {posterior_std.dtype} {list(posterior_std.shape)}; expected "
+                         f"float {list(array.shape)}, the shape of x")
     if (latent_mean is None) != (latent_std is None):
         raise UsageError(f"{name!r} holds only one of latent_mean and latent_std; give both (float [{c}]) or neither")
-    if latent_mean is None:                # the data's own statistics, accumulated in float64 chunk by chunk
-        total, total_sq, count = np.zeros(c), np.zeros(c), n * array[0, 0].size
-        for i in range(0, n, 65536):
-            chunk = array[i:i + 65536].astype(np.float64)
-            total, total_sq = total + chunk.sum((0, 2, 3)), total_sq + (chunk ** 2).sum((0, 2, 3))
-        latent_mean = total / count
-        latent_std = np.sqrt(np.maximum(total_sq / count - latent_mean ** 2, 0))
+    for key, values in (('x', array), ('posterior_std', posterior_std)):
+        if values is not None and not all(np.isfinite(chunk).all() for chunk in _chunks(values)):
+            raise UsageError(f"{name!r}: {key} holds NaN or infinite values; expected finite float latents "
+                             f"[N, C, H, W]")
+    if latent_mean is None:                # the data's own statistics
+        latent_mean, latent_std = latent_statistics(array, posterior_std)
         latent_std[latent_std == 0] = 1.0  # a constant channel stays constant (0) instead of dividing by 0
     mean, std = np.asarray(latent_mean, np.float64), np.asarray(latent_std, np.float64)
     if mean.shape != (c,) or std.shape != (c,) or not (np.isfinite(mean).all() and np.isfinite(std).all()
@@ -384,17 +534,12 @@ def _latents(name, array, labels=None, latent_mean=None, latent_std=None, vae=No
         raise UsageError(f"{name!r}: latent_mean {mean.tolist()} and latent_std {std.tolist()} must be finite, "
                          f"with std > 0, one per channel of x {list(array.shape)} ({c})")
     mean, std = torch.from_numpy(mean).float(), torch.from_numpy(std).float()
-    x = torch.empty(array.shape, dtype=torch.float16)
-    for i in range(0, n, 65536):
-        chunk = torch.from_numpy(np.ascontiguousarray(array[i:i + 65536])).float()
-        if not torch.isfinite(chunk).all():
-            raise UsageError(f"{name!r} holds NaN or infinite values; expected finite float latents [N, C, H, W]")
-        x[i:i + 65536] = normalise_latents(chunk, mean, std)
     num_classes = 0
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64)
         num_classes = int(labels.max()) + 1
-    return Dataset(name, 'latent', x, labels, num_classes, mean, std, None if vae is None else str(vae))
+    return Dataset(name, 'latent', Latents(array, posterior_std, mean, std), labels, num_classes, mean, std,
+                   None if vae is None else str(vae))
 
 
 # ----------------------------------------------------------------------------------------------------

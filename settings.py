@@ -32,7 +32,7 @@ from util import UsageError
 class Follows:
     """A default that follows something else: cases[value of `on`], or `otherwise`. `on` is a setting ('param',
     'schedule') or a fact of the run: 'labels' (the data has class labels), 'cifar10' (the data set is cifar10 and
-    the network can take augmentation labels)."""
+    the network can take augmentation labels), 'posterior_std' (latents whose file holds the posterior's std)."""
     on: str
     cases: dict
     otherwise: object
@@ -58,6 +58,8 @@ TABLE = [
     ('cond',       False,       False,        False,       Follows('labels', {True: True}, False),
      "Table 5: unconditional CIFAR-10; App. I: class-conditional ImageNet (latents with labels)"),
     ('label_dropout', 0.1,      0.1,          0.1,         0.1,         "App. I: labels dropped to the null class with p = 0.1, for guidance (Eq. 14)"),
+    ('latent_draw', False,      False,        False,       Follows('posterior_std', {True: True}, False),
+     "the release (after EDM2): a fresh latent mean + std * n at each use; the mean where the file has no std (images, vectors: not used)"),
     # -- network
     ('model',      'ddpmpp',    'small',      'mlp',       'dit-xl2',   "Table 5: DDPM++; App. I: DiT-XL/2; a small U-Net and an MLP sized for a CPU (docs/experiments.md)"),
     ('channels',   None,        None,         64,          None,        "the preset's width; a 64-wide MLP for 2-D toys (docs/experiments.md)"),
@@ -151,6 +153,9 @@ def parser():
     add('--augment', type=float, help="probability p of EDM's non-leaking augmentation (augment.py)" + table)
     add('--cond', action=argparse.BooleanOptionalAction, help='class-conditional training on the labels' + table)
     add('--label-dropout', type=float, help='with --cond, probability of replacing a label by the null class' + table)
+    add('--latent-draw', action=argparse.BooleanOptionalAction,
+        help="latents: draw each use from the VAE's posterior, mean + std * n (the file's posterior_std); "
+             "--no-latent-draw: the posterior mean" + table)
     add('--workers', type=int, default=min(8, os.cpu_count() or 1),
         help='processes that decode an image folder (default: up to 8 CPUs)')
     # network
@@ -223,7 +228,8 @@ def fill_defaults(args, data, init_config=None):
     """args with every setting left out (None) taken from its kind's column of TABLE (a new Namespace)."""
     args = argparse.Namespace(**vars(args))
     takes_augment = init_config is None or init_config.get('augment_dim', 0) == AUGMENT_DIM
-    facts = {'labels': data.num_classes > 0, 'cifar10': args.dataset == 'cifar10' and takes_augment}
+    facts = {'labels': data.num_classes > 0, 'cifar10': args.dataset == 'cifar10' and takes_augment,
+             'posterior_std': data.kind == 'latent' and data.x.posterior_std is not None}
     table = defaults(kind_of(data, args.dataset))
     for key, value in table.items():                       # plain values first: a Follows may look at them
         if getattr(args, key) is None and not isinstance(value, Follows):
@@ -255,6 +261,8 @@ def resolve(args, data, world, init_config=None):
     init_config: the net config of --init-from's network, which then replaces --model and --channels.
     --bench is a configuration of the normal run: no output folder, nothing logged or saved, warm-up plus timed steps."""
     args = fill_defaults(args, data, init_config)
+    if args.latent_draw and data.kind == 'latent' and data.x.posterior_std is None:
+        args.latent_draw = False                          # no std to draw with: the mean (train.py prints a note)
     if args.cond and data.num_classes == 0:
         raise UsageError(f"--cond: dataset {args.dataset!r} has no labels; leave out --cond, or use a labelled dataset "
                          f"(cifar10, a toy, a folder with one sub-folder per class, an .npz with 'labels')")
@@ -305,6 +313,9 @@ def check_ranges(args, data):
             ('threads', args.threads >= 0, "an integer >= 0 (0 = torch's default)")]:
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: accepted {accepted}")
+    if args.latent_draw and data.kind != 'latent':
+        raise UsageError(f"--latent-draw: {args.dataset!r} holds {data.kind}s; only latents have a posterior to draw "
+                         f"from (leave the flag out)")
     if args.fid_every and data.kind != 'image':
         hint = '; score latents once sample.py has decoded them (fid.py calc)' if data.kind == 'latent' else ''
         raise UsageError(f"--fid-every {args.fid_every}: FID needs images, {args.dataset!r} holds {data.kind}s{hint}")

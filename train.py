@@ -59,7 +59,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import settings
 from augment import AUGMENT_DIM, apply_augment, draw_augment
-from data import Dataset, decode, encode, load_dataset, save_image_grid, save_scatter, to_uint8
+from data import DEVICE_SHARE, Dataset, decode, encode, fits_on_device, load_dataset, save_image_grid, save_scatter, \
+    to_uint8
 from imm import draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import build_net
 from plot import draw_log
@@ -116,7 +117,7 @@ def main(argv=None):
         f"{world} rank(s) x {per_rank // micro} x {micro} | {device} {args.precision}"
         f"{' compiled' if model is not net else ''} | steps {start_step}->{args.iters} | {args.out or 'bench'}")
 
-    data = dataclasses.replace(data, x=data.x.to(device), labels=None if data.labels is None else data.labels.to(device))
+    data = place_data(data, args, device, say)
     loop = functools.partial(train, args=args, cfg=cfg, data=data, parts=parts, M=M, micro=micro, out=out,
                              rank=rank, world=world, say=say)
     first = start_step
@@ -174,6 +175,26 @@ def load_data(args, rank, world):
     if world > 1 and rank == 0:
         dist.barrier()
     return data
+
+
+def place_data(data, args, device, say):
+    """The data where the steps read it: images, vectors and labels on the device; latents on the device whole when
+    they fit in data.DEVICE_SHARE of its memory, else left mapped from their file, each step's rows gathered on the
+    host (data.Latents). The run says which."""
+    labels = None if data.labels is None else data.labels.to(device)
+    if data.kind != 'latent':
+        return dataclasses.replace(data, x=data.x.to(device), labels=labels)
+    if data.x.posterior_std is None:
+        say(f"note: {data.name} holds no posterior_std (a file written before vae.py stored it, or a plain array): "
+            f"every use of a latent is its posterior mean, as with --no-latent-draw")
+    nbytes = data.x.nbytes(args.latent_draw)
+    whole = fits_on_device(nbytes, device)
+    what = 'posterior means and stds' if args.latent_draw else 'posterior means'
+    say(f"latents: {what}, {nbytes / 2 ** 30:.2f} GiB, " + (
+        f"copied whole to {device} (at most {DEVICE_SHARE:.0%} of its memory)" if whole else
+        f"memory-mapped from {data.name}; each step's rows are gathered on the host"
+        + (f" and copied to {device} from pinned memory" if device.type == 'cuda' else '')))
+    return dataclasses.replace(data, x=data.x.placed(device, whole, args.latent_draw), labels=labels)
 
 
 def set_precision(precision, device):
@@ -415,7 +436,8 @@ def draw_batch(step, data, args, cfg, M, rank=0, world=1):
     for the whole batch, of which each rank keeps its slice: 1 or N ranks, and a resumed run, see the same batch.
     t and s are one per group of M rows (M = 1 for flow matching). With --augment p > 0, EDM's augmentation
     (augment.py) replaces the plain x-flip, and its labels go to the network; otherwise augment_labels is None.
-    The global RNG, which draws dropout masks, is seeded by (--seed, step, rank)."""
+    Latents with --latent-draw are drawn last, mean + std * n per row, so that every draw before them is the same
+    without it. The global RNG, which draws dropout masks, is seeded by (--seed, step, rank)."""
     per_rank, device = args.batch // world, data.x.device
     mine = slice(rank * per_rank, (rank + 1) * per_rank)                 # this rank's rows ...
     my_groups = slice(rank * per_rank // M, (rank + 1) * per_rank // M)  # ... and its groups of M rows
@@ -423,7 +445,7 @@ def draw_batch(step, data, args, cfg, M, rank=0, world=1):
     torch.manual_seed(seed_for(args.seed, 2, step, rank))
     rows = batch_rows(step, args.batch, len(data.x), args.seed, device)[mine]
     t, s = (v[my_groups] for v in draw_times(args.batch // M, cfg, generator=gen, device=device))
-    x, augment_labels = data.x[rows], None
+    x, augment_labels = None if data.kind == 'latent' else data.x[rows], None   # latents: at the end
     if data.kind == 'image':
         x = encode(x)
         if args.augment:
@@ -433,13 +455,15 @@ def draw_batch(step, data, args, cfg, M, rank=0, world=1):
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if device.type == 'cuda':
             x = x.contiguous(memory_format=torch.channels_last)
-    elif data.kind == 'latent':                            # float16 in memory; no flips (the paper's ImageNet run)
-        x = x.float()
-    noise = cfg.sigma_d * torch.randn(args.batch, *x.shape[1:], generator=gen, device=device)[mine]
+    noise = cfg.sigma_d * torch.randn(args.batch, *data.x.shape[1:], generator=gen, device=device)[mine]
     labels = None
     if args.cond:
         drop = torch.rand(args.batch, generator=gen, device=device)[mine] < args.label_dropout
         labels = torch.where(drop, data.num_classes, data.labels[rows])
+    if data.kind == 'latent':  # the release (after EDM2): a fresh latent per use; no flips (App. I)
+        draw = torch.randn(args.batch, *data.x.shape[1:], generator=gen, device=device)[mine] \
+            if args.latent_draw else None
+        x = data.x.batch(batch_rows(step, args.batch, len(data.x), args.seed, device, data.x.on_host)[mine], draw)
     return x, noise, t, s, labels, augment_labels
 
 
@@ -592,19 +616,22 @@ def seed_for(*keys):
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch, device):
-    """The order in which epoch `epoch` visits the n examples: a permutation seeded by (seed, epoch)."""
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch, device, host=False):
+    """The order in which epoch `epoch` visits the n examples: a permutation seeded by (seed, epoch), drawn on device;
+    host: a CPU copy of it, for data gathered on the host (one copy per epoch, not one wait for the device per step)."""
+    if host:
+        return epoch_order(n, seed, epoch, device).cpu()
     return torch.randperm(n, generator=torch.Generator(device).manual_seed(seed_for(seed, 0, epoch)), device=device)
 
 
-def batch_rows(step, batch, n, seed, device):
+def batch_rows(step, batch, n, seed, device, host=False):
     """Dataset rows of global batch `step`: positions step*batch ... of an endless stream of shuffled epochs."""
     rows, pos, end = [], step * batch, (step + 1) * batch
     while pos < end:
         epoch, offset = divmod(pos, n)
         take = min(n - offset, end - pos)
-        rows.append(epoch_order(n, seed, epoch, device)[offset:offset + take])
+        rows.append(epoch_order(n, seed, epoch, device, host)[offset:offset + take])
         pos += take
     return torch.cat(rows)
 

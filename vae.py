@@ -10,18 +10,26 @@ The VAE is diffusers' AutoencoderKL, an optional dependency (pip install diffuse
 a Hugging Face name (the release uses stabilityai/sd-vae-ft-ema; downloaded once into the Hugging Face cache) or a
 local folder. Each image is centre-cropped and resized to --resolution as ADM's center_crop_arr does (halve with a
 box filter while the short side is at least twice the target, bicubic resize of the short side, centre crop), with
-no flips, and encoded to the mean of the VAE's posterior. The .npz holds
-    x            float16 [N, 4, R/8, R/8]  raw latents (the release also runs its VAE in fp16)
-    labels       int64 [N]                 the sub-folder's index among the sorted sub-folders (ImageNet: class id)
-    classes      str [K]                   the sub-folder names, in label order
-    latent_mean, latent_std  float32 [4]   what data.py normalises the channels by: the release's ImageNet values
-                                           for sd-vae-ft-ema (App. I), whatever --vae is
-    vae          str                       --vae, which sample.py decodes with
-The release (after EDM2) stores the posterior's mean and std and draws a latent each time an image is used; we keep
-its mean, so the data is one fixed array. Written atomically: an interrupted run leaves no file.
+no flips, and encoded to the VAE's posterior, a normal distribution per latent value. As the release (after EDM2)
+does, the file keeps the posterior's mean and std, and train.py draws a fresh latent mean + std * n each time an
+image is used (--no-latent-draw: the mean). The .npz holds
+    x              float16 [N, 4, R/8, R/8]  the posterior means: raw latents (the release also runs its VAE in fp16)
+    posterior_std  float16 [N, 4, R/8, R/8]  the posterior's stds (with x: 21.0 GB for ImageNet, x alone 10.5 GB)
+    labels         int64 [N]                 the sub-folder's index among the sorted sub-folders (ImageNet: class id)
+    classes        str [K]                   the sub-folder names, in label order
+    latent_mean, latent_std  float64 [C]     what data.py normalises the channels by: the per-channel mean and std
+                                             over the whole set of the latents training draws (data.latent_statistics);
+                                             for sd-vae-ft-ema the release's ImageNet values (App. I), ours
+                                             printed beside them (RELEASE_AGREEMENT: when they disagree)
+    vae            str                       --vae, which sample.py decodes with
+It is an uncompressed .npz (np.savez), so train.py memory-maps x and posterior_std instead of reading them. The two
+arrays are filled on disk, memory-mapped in a temporary folder beside --out, so encoding needs little memory but
+free disk space for twice the file; the .npz is written atomically: an interrupted run leaves no file.
 """
 import argparse
 import os
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -29,7 +37,7 @@ import torch
 from PIL import Image
 
 from authors import DEFAULT_VAE, IMAGENET_LATENT_MEAN, IMAGENET_LATENT_STD
-from data import ImageFiles, encode, image_files, to_uint8
+from data import ImageFiles, encode, image_files, latent_statistics, to_uint8
 from util import UsageError, exit_on_usage_error, write_atomically
 
 
@@ -49,11 +57,24 @@ def load_vae(name, device):
     return vae.eval().requires_grad_(False).to(device)
 
 
+# sd-vae-ft-ema gets the release's statistics as they are, so that a model trained here is normalised as the
+# release's models are; ours are computed beside them as a check. The release normalises the latents it draws, so
+# its values stand for the draws' statistics, which latent_statistics computes (its code does not say whether they
+# were measured on draws or on posterior means; the two differ by the mean posterior variance). A difference is read
+# in units of the channel's std, what the normalisation divides by: 1% moves the normalised data's mean by 0.01 of
+# its std, or scales its std by 1.01. The same images encoded as the release encodes them differ only by the VAE's
+# precision (fp16 there, fp32 here) and the fp16 storage, roundings per value that average out over 1.28M x 32 x 32
+# values per channel to far less than 1%; more than 1% means other data (a subset, another resolution or crop) or
+# another VAE under that name.
+RELEASE_AGREEMENT = 0.01
+
+
 @torch.no_grad()
 def encode_images(vae, images):
-    """uint8 images [B, 3, H, W] -> raw latents float32 [B, C, H/8, W/8]: the mean of the VAE's posterior."""
+    """uint8 images [B, 3, H, W] -> the VAE's posterior, (mean, std) float32 [B, C, H/8, W/8] each."""
     device = next(vae.parameters()).device
-    return vae.encode(encode(images.to(device))).latent_dist.mean.float()
+    posterior = vae.encode(encode(images.to(device))).latent_dist
+    return posterior.mean.float(), posterior.std.float()
 
 
 @torch.no_grad()
@@ -87,26 +108,55 @@ def encode_folder(args):
                                          num_workers=args.workers)
     print(f"{args.folder}: {len(paths)} images, {len(classes) if classes else 'no'} classes -> {args.vae} on {device}",
           flush=True)
-    x, done, start, last = None, 0, time.time(), time.time()
-    for images, errors in loader:
-        if any(errors):
-            raise UsageError(next(e for e in errors if e))
-        latents = encode_images(vae, images).cpu().numpy()
-        if x is None:  # the latent shape is known after the first batch
-            x = np.empty((len(paths), *latents.shape[1:]), np.float16)
-        x[done:done + len(latents)] = latents
-        done += len(latents)
-        if time.time() - last > 10 or done == len(paths):
-            last, rate = time.time(), done / (time.time() - start)
-            print(f"{done}/{len(paths)} images, {rate:.1f} img/s, ETA {(len(paths) - done) / rate / 60:.1f} min",
-                  flush=True)
-    arrays = dict(x=x, latent_mean=np.float32(IMAGENET_LATENT_MEAN), latent_std=np.float32(IMAGENET_LATENT_STD),
-                  vae=np.str_(args.vae))
-    if labels is not None:
-        arrays.update(labels=labels, classes=np.array(classes))
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    write_atomically(args.out, lambda tmp: np.savez(tmp, **arrays))
-    print(f"wrote {args.out}: x {x.dtype} {list(x.shape)}" + (f", labels of {len(classes)} classes" if classes else ''))
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(args.out) or '.', prefix='.vae-') as scratch:
+        posterior, done, start, last = None, 0, time.time(), time.time()
+        for images, errors in loader:
+            if any(errors):
+                raise UsageError(next(e for e in errors if e))
+            mean, std = (v.cpu().numpy() for v in encode_images(vae, images))
+            if posterior is None:  # the latent shape is known after the first batch; the arrays live on disk
+                posterior = [np.lib.format.open_memmap(os.path.join(scratch, f'{key}.npy'), 'w+', np.float16,
+                                                       (len(paths), *mean.shape[1:])) for key in ('mean', 'std')]
+            posterior[0][done:done + len(mean)], posterior[1][done:done + len(std)] = mean, std
+            done += len(mean)
+            if time.time() - last > 10 or done == len(paths):
+                last, rate = time.time(), done / (time.time() - start)
+                print(f"{done}/{len(paths)} images, {rate:.1f} img/s, ETA {(len(paths) - done) / rate / 60:.1f} min",
+                      flush=True)
+        for array in posterior:
+            array.flush()
+        arrays = dict(x=posterior[0], posterior_std=posterior[1], vae=np.str_(args.vae),
+                      **normalisation(args.vae, *posterior))
+        if labels is not None:
+            arrays.update(labels=labels, classes=np.array(classes))
+        write_atomically(args.out, lambda tmp: np.savez(tmp, **arrays))   # streams the maps into the zip
+        del arrays, posterior                                             # unmapped before the folder goes
+    print(f"wrote {args.out}: x and posterior_std float16 {[len(paths), *mean.shape[1:]]}"
+          + (f", labels of {len(classes)} classes" if classes else ''))
+
+
+def normalisation(vae_name, posterior_mean, posterior_std):
+    """{latent_mean, latent_std} to write: the statistics of the latent draws over the whole set (float64 per
+    channel), or for sd-vae-ft-ema the release's, printed beside ours with a warning naming the largest difference
+    when it is more than RELEASE_AGREEMENT of the channel's std."""
+    mean, std = latent_statistics(posterior_mean, posterior_std)
+    print(f"statistics of the latent draws over {len(posterior_mean)} images, per channel: "
+          f"mean {np.round(mean, 5).tolist()}, std {np.round(std, 5).tolist()}")
+    if vae_name != DEFAULT_VAE:
+        return dict(latent_mean=mean, latent_std=std)
+    release_mean, release_std = np.array(IMAGENET_LATENT_MEAN), np.array(IMAGENET_LATENT_STD)
+    print(f"the release's for {DEFAULT_VAE}, written: mean {release_mean.tolist()}, std {release_std.tolist()}")
+    differences = {f'{what} of channel {c}': abs(ours[c] - release[c]) / release_std[c]
+                   for what, ours, release in (('mean', mean, release_mean), ('std', std, release_std))
+                   for c in range(len(release))}
+    worst = max(differences, key=differences.get)
+    if differences[worst] > RELEASE_AGREEMENT:
+        print(f"warning: these latents' statistics differ from the release's by up to {differences[worst]:.1%} of a "
+              f"channel's std ({worst}; under {RELEASE_AGREEMENT:.0%} expected for ImageNet's train set at 256 px); "
+              f"the release's are written all the same, so that models trained on them match the release's",
+              file=sys.stderr)
+    return dict(latent_mean=release_mean, latent_std=release_std)
 
 
 def main(argv=None):

@@ -1,10 +1,12 @@
-"""Latent data (the paper's ImageNet-256 path) as a specification: how a latent array is read and normalised, the
-ImageNet settings it brings, the encode step (vae.py) and the decode step of sample.py.
+"""Latent data (the paper's ImageNet-256 path) as a specification: how a latent array is read (memory-mapped) and
+normalised, how a training step draws its latents, the ImageNet settings they bring, the encode step (vae.py) and
+the decode step of sample.py.
 
 The VAE is a tiny randomly initialised diffusers AutoencoderKL written to a folder with save_pretrained: nothing is
 downloaded. Tests that need diffusers skip without it (requirements-test.txt installs it).
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -17,27 +19,34 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
+sys.path.insert(0, str(ROOT / 'tools'))
 
 import checkpoint  # noqa: E402
+import latent_memory  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train  # noqa: E402
 import vae as vae_script  # noqa: E402
 import authors  # noqa: E402
 import settings  # noqa: E402
 from util import UsageError  # noqa: E402
-from data import SIGMA_D, decode, denormalise_latents, load_dataset, normalise_latents  # noqa: E402
+from data import SIGMA_D, Latents, decode, denormalise_latents, fits_on_device, latent_statistics, load_dataset, \
+    normalise_latents  # noqa: E402
 
 MEAN, STD = np.float32(authors.IMAGENET_LATENT_MEAN), np.float32(authors.IMAGENET_LATENT_STD)
+CPU = torch.device('cpu')
 
 
-def latent_file(path, n=16, side=8, labels=True, **keys):
-    """A small ImageNet-like latent .npz: raw latents with the release's per-channel statistics, as vae.py writes."""
+def latent_file(path, n=16, side=8, labels=True, posterior_std=True, save=np.savez, **keys):
+    """A small ImageNet-like latent .npz as vae.py writes it: posterior means with the release's per-channel
+    statistics and the posterior's stds (posterior_std=False: a file of the means alone, as vae.py wrote before)."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((n, 4, side, side)) * STD[:, None, None] + MEAN[:, None, None]).astype(np.float16)
     arrays = dict(x=x, latent_mean=MEAN, latent_std=STD, **keys)
+    if posterior_std:
+        arrays['posterior_std'] = rng.uniform(0.1, 1.0, x.shape).astype(np.float16)
     if labels:
         arrays['labels'] = np.arange(n) % 2
-    np.savez(path, **arrays)
+    save(path, **arrays)
     return x
 
 
@@ -76,15 +85,26 @@ def test_normalisation_round_trips_and_gives_std_sigma_d_per_channel():
 def test_a_latent_npz_is_read_as_latents_normalised_by_its_stored_statistics(tmp_path):
     raw = latent_file(tmp_path / 'latents.npz', vae=np.str_('some/vae'))
     data = load_dataset(str(tmp_path / 'latents.npz'))
-    assert data.kind == 'latent' and data.x.dtype == torch.float16 and list(data.x.shape) == [16, 4, 8, 8]
-    assert data.num_classes == 2 and data.vae == 'some/vae'
+    assert data.kind == 'latent' and isinstance(data.x, Latents) and list(data.x.shape) == [16, 4, 8, 8]
+    assert data.num_classes == 2 and data.vae == 'some/vae' and len(data.x) == 16
     assert np.allclose(data.mean, MEAN) and np.allclose(data.std, STD)
+    x = data.x.batch(torch.arange(16))                      # the posterior means, normalised per batch in float32
     expected = (raw.astype(np.float64) - MEAN[:, None, None]) / STD[:, None, None] * SIGMA_D
-    assert np.allclose(data.x.float().numpy(), expected, atol=2e-3)        # float16 storage
-    assert np.allclose(decode(data.x, data.kind, data.mean, data.std), raw.astype(np.float32), atol=2e-2)   # decode undoes it: raw latents
+    assert x.dtype == torch.float32 and np.allclose(x.numpy(), expected, atol=1e-6)
+    assert np.allclose(decode(x, data.kind, data.mean, data.std), raw.astype(np.float32), atol=1e-5)   # raw latents
     info = checkpoint.data_info(data)
     assert info['kind'] == 'latent' and info['shape'] == [4, 8, 8] and info['scale'] == SIGMA_D
     assert info['vae'] == 'some/vae' and np.allclose(info['mean'], MEAN) and np.allclose(info['std'], STD)
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.npy'])
+def test_latents_stay_in_their_file_memory_mapped(tmp_path, suffix):
+    path = tmp_path / f'latents{suffix}'
+    raw = latent_file(path) if suffix == '.npz' else np.save(path, latent_file(tmp_path / 'unused.npz'))
+    data = load_dataset(str(path))
+    for array in (data.x.posterior_mean, data.x.posterior_std) if suffix == '.npz' else (data.x.posterior_mean,):
+        assert isinstance(array, np.memmap) and array.filename == str(path) and array.mode == 'r'
+    assert raw is None or np.array_equal(data.x.posterior_mean, raw)
 
 
 def test_a_float_array_without_statistics_is_normalised_by_its_own_channels(tmp_path):
@@ -92,9 +112,21 @@ def test_a_float_array_without_statistics_is_normalised_by_its_own_channels(tmp_
     raw = rng.standard_normal((32, 3, 4, 4)) * np.array([1.0, 10.0, 0.1])[:, None, None] + 5
     np.save(tmp_path / 'latents.npy', raw.astype(np.float32))
     data = load_dataset(str(tmp_path / 'latents.npy'))
-    assert data.kind == 'latent' and data.num_classes == 0 and data.vae is None
-    assert torch.allclose(data.x.float().std((0, 2, 3), unbiased=False), torch.full((3,), SIGMA_D), atol=1e-3)
-    assert torch.allclose(data.x.float().mean((0, 2, 3)), torch.zeros(3), atol=1e-3)
+    assert data.kind == 'latent' and data.num_classes == 0 and data.vae is None and data.x.posterior_std is None
+    x = data.x.batch(torch.arange(32))
+    assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.full((3,), SIGMA_D), atol=1e-3)
+    assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-3)
+
+
+def test_latent_statistics_are_those_of_the_draws_mean_plus_std_times_n():
+    rng = np.random.default_rng(2)
+    mean = rng.standard_normal((64, 3, 4, 4)) * np.array([1.0, 3.0, 0.5])[:, None, None] + 2
+    std = rng.uniform(0.5, 2.0, mean.shape)
+    draws = mean + std * rng.standard_normal((200, *mean.shape))         # 200 uses of every latent
+    computed = latent_statistics(mean, std)
+    assert np.allclose(computed[0], draws.mean((0, 1, 3, 4)), rtol=0.01)
+    assert np.allclose(computed[1], draws.std((0, 1, 3, 4)), rtol=0.01)
+    assert np.allclose(latent_statistics(mean)[1], mean.std((0, 2, 3)))   # without stds: the array's own
 
 
 @pytest.mark.parametrize('arrays, words', [
@@ -103,12 +135,130 @@ def test_a_float_array_without_statistics_is_normalised_by_its_own_channels(tmp_
     (dict(x=np.zeros((2, 4, 8, 8), np.float32), latent_mean=MEAN[:3], latent_std=STD[:3]), 'one per channel'),
     (dict(x=np.zeros((2, 4, 8, 8), np.float32), latent_mean=MEAN, latent_std=0 * STD), 'std > 0'),
     (dict(x=np.zeros((2, 4, 8, 8), np.float32), latent_mean=MEAN), 'only one of'),
-    (dict(x=np.full((2, 4, 8, 8), np.nan, np.float32), latent_mean=MEAN, latent_std=STD), 'NaN'),
+    (dict(x=np.full((2, 4, 8, 8), np.nan, np.float32), latent_mean=MEAN, latent_std=STD), 'x holds NaN'),
+    (dict(x=np.zeros((2, 4, 8, 8), np.float32), posterior_std=np.zeros((2, 4, 4, 4), np.float32)), 'the shape of x'),
+    (dict(x=np.zeros((2, 4, 8, 8), np.float32), posterior_std=np.full((2, 4, 8, 8), np.inf, np.float32)),
+     'posterior_std holds NaN or infinite'),
 ])
 def test_bad_latent_arrays_are_refused_by_name(tmp_path, arrays, words):
     np.savez(tmp_path / 'bad.npz', **arrays)
     with pytest.raises(UsageError, match=words):
         load_dataset(str(tmp_path / 'bad.npz'))
+
+
+# ---- A training step's latents
+
+def latent_batches(path, *flags, world=1, place=None, step=3):
+    """draw_batch's (x, noise, t, s, labels) of step `step` on the latents at path, whole and per rank, with the data
+    placed on the CPU as train.py places it (place=True/False: whole on the device / mapped, instead of its choice)."""
+    data = load_dataset(str(path))
+    args, cfg, _, M, _ = settings.resolve(settings.parse_args(
+        ['--dataset', str(path), '--model', 'tiny', '--batch', '16', *flags]), data, world)
+    if place is None:
+        data = train.place_data(data, args, CPU, lambda *a: None)
+    else:
+        data = train.dataclasses.replace(data, x=data.x.placed(CPU, place, args.latent_draw))
+    return [train.draw_batch(step, data, args, cfg, M, rank, world)[:5] for rank in range(world)]
+
+
+def same(a, b):
+    return all(u is v is None or torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_mapped_npz_and_npy_give_the_batches_of_the_arrays_loaded_whole(tmp_path):
+    raw = latent_file(tmp_path / 'latents.npz', n=40)
+    latent_file(tmp_path / 'compressed.npz', n=40, save=np.savez_compressed)      # not mappable: read into memory
+    assert not isinstance(load_dataset(str(tmp_path / 'compressed.npz')).x.posterior_mean, np.memmap)
+    np.save(tmp_path / 'means.npy', raw)
+    mapped = latent_batches(tmp_path / 'latents.npz', place=False)[0]
+    assert same(mapped, latent_batches(tmp_path / 'latents.npz', place=True)[0])     # copied whole to the device
+    assert same(mapped, latent_batches(tmp_path / 'compressed.npz')[0])
+    npy = latent_batches(tmp_path / 'means.npy', place=False)[0]
+    assert same(npy, latent_batches(tmp_path / 'means.npy', place=True)[0])
+    data, rows = load_dataset(str(tmp_path / 'means.npy')), train.batch_rows(3, 16, 40, 0, CPU)
+    assert np.allclose(decode(npy[0], 'latent', data.mean, data.std), raw[rows.numpy()], atol=1e-3)   # those rows
+
+
+def test_each_use_draws_mean_plus_std_times_n_from_the_steps_generator(tmp_path):
+    latent_file(tmp_path / 'latents.npz', n=64)
+    drawn, = latent_batches(tmp_path / 'latents.npz', '--batch', '64', '--cond')
+    means, = latent_batches(tmp_path / 'latents.npz', '--batch', '64', '--cond', '--no-latent-draw')
+    assert same(drawn[1:], means[1:])                     # the same rows, noise, times and labels: drawn last
+    data = load_dataset(str(tmp_path / 'latents.npz'))
+    rows = train.batch_rows(3, 64, 64, 0, CPU)
+    scale = torch.from_numpy(data.x.posterior_std[rows.numpy()]).float() * SIGMA_D / data.std[:, None, None]
+    n = (drawn[0] - means[0]) / scale                     # x = normalise(mean + std * n)
+    assert abs(float(n.mean())) < 0.05 and abs(float(n.std()) - 1) < 0.05
+    assert not torch.allclose(n, drawn[1] / SIGMA_D, atol=0.1)          # not the noise of the loss
+    assert same(drawn, latent_batches(tmp_path / 'latents.npz', '--batch', '64', '--cond')[0])   # fixed by step
+    assert not torch.equal(drawn[0], latent_batches(tmp_path / 'latents.npz', '--batch', '64', step=4)[0][0])
+
+
+def test_latent_draws_on_two_ranks_split_the_one_rank_batch(tmp_path):
+    latent_file(tmp_path / 'latents.npz', n=24)
+    whole, = latent_batches(tmp_path / 'latents.npz', '--cond')
+    halves = latent_batches(tmp_path / 'latents.npz', '--cond', world=2)
+    assert all(torch.equal(a, torch.cat([b0, b1])) for a, b0, b1 in zip(whole, *halves))
+
+
+def test_posterior_means_reproduce_the_batches_of_latents_stored_normalised_in_float16(tmp_path):
+    raw = latent_file(tmp_path / 'latents.npz', n=40)
+    x, *_ = latent_batches(tmp_path / 'latents.npz', '--no-latent-draw')[0]
+    rows = train.batch_rows(3, 16, 40, 0, CPU)
+    stored = normalise_latents(torch.from_numpy(raw).float(), torch.from_numpy(MEAN), torch.from_numpy(STD)).half()
+    assert torch.allclose(x, stored[rows].float(), atol=2e-3)   # before: normalised once, kept in float16
+    assert torch.allclose(x, normalise_latents(torch.from_numpy(raw[rows.numpy()]).float(), torch.from_numpy(MEAN),
+                                               torch.from_numpy(STD)))
+
+
+def test_a_resumed_run_with_latent_draws_ends_with_the_same_weights(tmp_path):
+    latent_file(tmp_path / 'latents.npz')
+    flags = ['--dataset', str(tmp_path / 'latents.npz'), '--model', 'tiny', '--batch', '8', '--precision', 'fp32',
+             '--sample-every', '0', '--device', 'cpu', '--threads', '1']
+    assert train.main(flags + ['--iters', '2', '--out', str(tmp_path / 'straight')]) == 0
+    assert train.main(flags + ['--iters', '1', '--out', str(tmp_path / 'resumed')]) == 0
+    assert train.main(flags + ['--iters', '2', '--out', str(tmp_path / 'resumed'), '--resume']) == 0
+    a, b = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['net'] for run in ('straight', 'resumed'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_run_says_whether_latents_are_on_the_device_or_mapped(tmp_path, capsys):
+    latent_file(tmp_path / 'latents.npz')
+    flags = ['--dataset', str(tmp_path / 'latents.npz'), '--model', 'tiny', '--iters', '1', '--batch', '8',
+             '--precision', 'fp32', '--out', str(tmp_path / 'run'), '--sample-every', '0', '--device', 'cpu',
+             '--threads', '1']
+    assert train.main(flags) == 0
+    assert 'latents: posterior means and stds, 0.00 GiB, memory-mapped from' in capsys.readouterr().out
+    assert not fits_on_device(1, CPU)                      # a CPU run keeps the map: a copy is what it saves
+
+
+def test_a_file_of_posterior_means_alone_trains_on_them_with_a_note(tmp_path, capsys):
+    latent_file(tmp_path / 'means.npz', posterior_std=False)
+    flags = ['--dataset', str(tmp_path / 'means.npz'), '--model', 'tiny', '--iters', '1', '--batch', '8',
+             '--precision', 'fp32', '--out', str(tmp_path / 'run'), '--sample-every', '0', '--device', 'cpu',
+             '--threads', '1']
+    assert train.main(flags + ['--latent-draw']) == 0
+    out = capsys.readouterr().out
+    assert 'holds no posterior_std' in out and 'latents: posterior means, ' in out
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['args']['latent_draw'] is False
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='the tool reads memory from Linux /proc')
+def test_the_memory_tool_writes_latent_files_that_train_py_maps_and_reads_them_all(tmp_path, capsys):
+    latent_memory.main(['write', str(tmp_path / 'both.npz'), '--n', '8'])
+    latent_memory.main(['write', str(tmp_path / 'means.npz'), '--n', '8', '--means-only'])
+    both, means = (load_dataset(str(tmp_path / f)) for f in ('both.npz', 'means.npz'))
+    assert isinstance(both.x.posterior_std, np.memmap) and means.x.posterior_std is None
+    assert list(both.x.shape) == [8, 4, 32, 32] and np.allclose(both.mean, MEAN) and both.vae == authors.DEFAULT_VAE
+    capsys.readouterr()
+    latent_memory.main(['epoch', str(tmp_path / 'both.npz')])
+    line = json.loads(capsys.readouterr().out)
+    assert {'load_s', 'epoch_s', 'loaded', 'after_epoch'} <= set(line) and line['after_epoch']['VmHWM'] > 0
+
+
+def test_latent_draws_are_refused_for_data_without_a_posterior():
+    with pytest.raises(UsageError, match='only latents'):
+        settings.resolve(settings.parse_args(['--dataset', 'moons', '--latent-draw']), load_dataset('moons'), 1)
 
 
 # ---- The ImageNet settings
@@ -171,23 +321,67 @@ def test_a_latent_run_refuses_what_needs_pixels(tmp_path):
 
 # ---- End to end: encode, train, sample, decode
 
-def test_encode_crops_like_adm_and_writes_latents_with_labels(tmp_path, tiny_vae):
+def encode_folder(tmp_path, tiny_vae, sizes=((40, 24), (24, 36), (70, 70)), classes=('cat', 'dog', 'dog')):
+    """vae.py on a folder of random images (one per size, in the class folders named), -> the .npz's arrays."""
     rng = np.random.default_rng(0)
-    for name, size in [('cat', (40, 24)), ('dog', (24, 36)), ('dog', (70, 70))]:
+    for name, size in zip(classes, sizes):
         os.makedirs(tmp_path / 'images' / name, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
             tmp_path / 'images' / name / f'{size[0]}x{size[1]}.png')
     vae_script.main([str(tmp_path / 'images'), '--out', str(tmp_path / 'latents.npz'), '--vae', tiny_vae,
                      '--resolution', '16', '--batch', '2', '--workers', '0', '--device', 'cpu'])
     with np.load(tmp_path / 'latents.npz') as f:
-        assert f['x'].dtype == np.float16 and f['x'].shape == (3, 4, 8, 8)
-        assert f['labels'].tolist() == [0, 1, 1] and f['classes'].tolist() == ['cat', 'dog']
-        assert np.allclose(f['latent_mean'], MEAN) and str(f['vae']) == tiny_vae
+        return dict(f)
+
+
+def test_encode_crops_like_adm_and_writes_latents_with_labels(tmp_path, tiny_vae):
+    f = encode_folder(tmp_path, tiny_vae)
+    assert f['x'].dtype == f['posterior_std'].dtype == np.float16 and f['x'].shape == f['posterior_std'].shape == (
+        3, 4, 8, 8)
+    assert f['labels'].tolist() == [0, 1, 1] and f['classes'].tolist() == ['cat', 'dog'] and str(f['vae']) == tiny_vae
     data = load_dataset(str(tmp_path / 'latents.npz'))
     assert data.kind == 'latent' and data.num_classes == 2 and data.vae == tiny_vae
-    assert not list(tmp_path.glob('*.tmp*'))               # written atomically
+    assert isinstance(data.x.posterior_mean, np.memmap) and isinstance(data.x.posterior_std, np.memmap)   # mappable
+    assert not [p for p in os.listdir(tmp_path) if p not in ('images', 'latents.npz')]    # written atomically
     crop = vae_script.center_crop(Image.fromarray(np.arange(70 * 70 * 3, dtype=np.uint8).reshape(70, 70, 3)), 16)
     assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
+
+
+def test_the_posterior_mean_and_std_of_each_image_are_written(tmp_path, tiny_vae):
+    f = encode_folder(tmp_path, tiny_vae, sizes=[(40, 24)], classes=['cat'])
+    with Image.open(tmp_path / 'images' / 'cat' / '40x24.png') as image:
+        crop = vae_script.center_crop(image.convert('RGB'), 16)
+    mean, std = vae_script.encode_images(vae_script.load_vae(tiny_vae, CPU),
+                                         torch.tensor(crop).permute(2, 0, 1)[None])
+    assert np.allclose(f['x'], mean.numpy(), rtol=2e-3, atol=1e-4)                     # float16
+    assert np.allclose(f['posterior_std'], std.numpy(), rtol=2e-3) and (std > 0).all()
+
+
+def test_vae_writes_the_statistics_of_its_latent_draws_over_the_whole_set(tmp_path, tiny_vae):
+    f = encode_folder(tmp_path, tiny_vae)
+    mean, std = f['x'].astype(np.float64), f['posterior_std'].astype(np.float64)
+    assert f['latent_mean'].dtype == f['latent_std'].dtype == np.float64
+    assert np.allclose(f['latent_mean'], mean.mean((0, 2, 3)), rtol=1e-12)
+    # the draws mean + std * n: the variance of the means plus the mean posterior variance
+    assert np.allclose(f['latent_std'], np.sqrt(mean.var((0, 2, 3)) + (std ** 2).mean((0, 2, 3))), rtol=1e-12)
+
+
+def test_sd_vae_ft_ema_gets_the_releases_statistics_with_a_warning_when_ours_differ(capsys):
+    z = np.random.default_rng(0).standard_normal((64, 4, 8, 8))
+    z = (z - z.mean((0, 2, 3), keepdims=True)) / z.std((0, 2, 3), keepdims=True)        # exactly 0 and 1 per channel
+    release_mean, release_std = np.array(authors.IMAGENET_LATENT_MEAN), np.array(authors.IMAGENET_LATENT_STD)
+    like_release = z * release_std[:, None, None] + release_mean[:, None, None]
+    for shift, warned in ((0.0, False), (0.05, True)):
+        means = like_release + shift * release_std[2] * (np.arange(4) == 2)[:, None, None]   # channel 2 moved
+        written = vae_script.normalisation(authors.DEFAULT_VAE, means, np.zeros_like(means))
+        assert np.array_equal(written['latent_mean'], release_mean)
+        assert np.array_equal(written['latent_std'], release_std)
+        printed = capsys.readouterr()
+        assert "the release's for stabilityai/sd-vae-ft-ema, written" in printed.out        # beside ours
+        assert ('warning: ' in printed.err and 'up to 5.0%' in printed.err and 'mean of channel 2' in printed.err) \
+            == warned
+    assert np.allclose(vae_script.normalisation('other/vae', like_release, np.zeros_like(z))['latent_std'],
+                       release_std)                      # another VAE: its own statistics
 
 
 def test_center_crop_halves_with_a_box_filter_then_crops_the_middle():
