@@ -138,8 +138,17 @@ def inception_score(probs, split_size=IS_SPLIT):
 
 
 def squared_distances(a, b):
-    """[len(a), len(b)] squared Euclidean distances, as |a|^2 - 2 a.b + |b|^2 clipped at 0 (Kynkaanniemi et al.'s
-    and ADM's formula: one matrix product)."""
+    """[len(a), len(b)] squared Euclidean distances as ADM's evaluator computes them (its DistanceBlock):
+    max(|a|^2 - 2 a.b + |b|^2, 0) in float16, each operation rounded to float16 (sums and the matrix product
+    accumulated in float32, as on a GPU), returned as float32; a block that overflows float16 is computed in float32
+    instead. float16 moves precision and recall by points, not digits (docs/fid.md), so the papers' numbers need it."""
+    def half(x):  # round to float16; the next operation runs in float32
+        return x.half().float()
+    a16, b16 = half(a), half(b)
+    norm_a, norm_b = half(half(a16 * a16).sum(1)), half(half(b16 * b16).sum(1))
+    d = half(half(norm_a[:, None] - half(2 * (a16 @ b16.T))) + norm_b[None, :]).clamp_min(0)
+    if torch.isfinite(d).all():
+        return d
     return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_min(0)
 
 
@@ -164,7 +173,8 @@ def precision_recall(real, fake, k=PR_K, block=10_000, label=None):
     """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around
     its features with the k-NN radius; precision = the share of fake features inside the real manifold, recall =
     the share of real features inside the fake manifold. A point exactly on a sphere counts as inside (<=, as
-    ADM). Distances in float32 on the features' device, in blocks of block x block, with progress when labelled."""
+    ADM). Distances as ADM's (squared_distances), on the features' device, in blocks of block x block (ADM's
+    10,000), with progress when labelled."""
     real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
     for name, f in (('reference', real), ('generated', fake)):
         if len(f) <= k:

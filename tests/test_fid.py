@@ -260,13 +260,32 @@ def inception_score_by_numpy(probs, split_size):
     return np.mean(scores)
 
 
-def precision_recall_by_numpy(real, fake, k):
-    """Kynkaanniemi et al.'s definition on the full distance matrices, each difference vector squared and summed."""
-    def dist(a, b):
-        return ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
-    real_radii, fake_radii = np.sort(dist(real, real), axis=1)[:, k], np.sort(dist(fake, fake), axis=1)[:, k]
-    d = dist(fake, real)
+def distances_by_numpy(a, b):
+    """Squared Euclidean distances in float64, each difference vector squared and summed: the definition."""
+    return ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
+
+
+def distances_as_adm_by_numpy(a, b):
+    """ADM's DistanceBlock in numpy's float16 arithmetic: max(|a|^2 - 2 a.b + |b|^2, 0) with every result a float16
+    (the sums over features accumulated in float32, as a GPU does)."""
+    a, b = a.astype(np.float16), b.astype(np.float16)
+    norm_a = (a * a).astype(np.float32).sum(1).astype(np.float16)
+    norm_b = (b * b).astype(np.float32).sum(1).astype(np.float16)
+    ab = (a.astype(np.float32) @ b.astype(np.float32).T).astype(np.float16)
+    return np.maximum(norm_a[:, None] - np.float16(2) * ab + norm_b[None, :], np.float16(0)).astype(np.float64)
+
+
+def precision_recall_by_numpy(real, fake, k, distances=distances_as_adm_by_numpy):
+    """Kynkaanniemi et al.'s definition on the full distance matrices: radii from np.sort, membership by <=."""
+    real_radii, fake_radii = (np.sort(distances(x, x), axis=1)[:, k] for x in (real, fake))
+    d = distances(fake, real)
     return (d <= real_radii[None, :]).any(1).mean(), (d.T <= fake_radii[None, :]).any(1).mean()
+
+
+def dyadic_features(rng, n, d, scale):
+    """Random multiples of 1/64: float32 sums of their squares and products are exact in any order, so float16
+    rounding after each of them is the same in torch and in numpy."""
+    return (rng.integers(0, 64 * scale, size=(n, d)) / 64).astype(np.float32)
 
 
 def test_inception_score_equals_numpy_kl_formula_split_by_split():
@@ -292,17 +311,38 @@ def test_a_point_exactly_on_a_ball_counts_as_inside():
     real = torch.tensor([[0.0], [1], [2], [3]])          # the ball around 0 has squared radius 9 (k = 3)
     on_sphere = torch.tensor([[-3.0], [-3.5], [10], [11]])
     assert fid.precision_recall(real, on_sphere, k=3)[0] == 0.25     # -3 is inside (<=), the others are not
-    assert fid.precision_recall(real, on_sphere - 1e-4, k=3)[0] == 0.0
+    assert fid.precision_recall(real, on_sphere - 0.01, k=3)[0] == 0.0
+
+
+def test_distances_are_adms_float16_computation_not_float32():
+    rng = np.random.default_rng(0)
+    a, b = dyadic_features(rng, 20, 64, 4), dyadic_features(rng, 30, 64, 4)   # norms ~340: float16 steps of 0.25
+    ours = fid.squared_distances(torch.from_numpy(a), torch.from_numpy(b)).double().numpy()
+    assert np.array_equal(ours, distances_as_adm_by_numpy(a, b))
+    assert np.abs(ours - distances_by_numpy(a, b)).max() > 0.05            # float16 is not float32: a real check
+
+
+def test_a_block_that_overflows_float16_is_computed_in_float32():
+    a = dyadic_features(np.random.default_rng(0), 5, 8, 4) * 100          # |a|^2 ~ 1e5 > 65504, float16's max
+    ours = fid.squared_distances(torch.from_numpy(a), torch.from_numpy(a)).double().numpy()
+    assert np.allclose(ours, distances_by_numpy(a, a), rtol=1e-5, atol=0.1)
 
 
 @pytest.mark.parametrize('block', [7, 1000])
 def test_precision_recall_equal_brute_force_numpy_whatever_the_blocks(block):
     rng = np.random.default_rng(block)
-    real = rng.normal(size=(30, 8)).astype(np.float32)
-    fake = (rng.normal(size=(25, 8)) * 0.7 + 0.8).astype(np.float32)   # narrower, shifted: 0 < precision, recall < 1
+    real = dyadic_features(rng, 30, 8, 4)
+    fake = dyadic_features(rng, 25, 8, 4) + 1                             # shifted: 0 < precision, recall < 1
     ours = fid.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=3, block=block)
     expected = precision_recall_by_numpy(real, fake, 3)
     assert ours == expected and 0 < min(expected) and max(expected) < 1
+
+
+def test_precision_recall_with_distances_that_float16_holds_exactly_are_the_float64_definition():
+    rng = np.random.default_rng(1)
+    real, fake = rng.integers(0, 4, (30, 8)).astype(np.float32), rng.integers(1, 5, (25, 8)).astype(np.float32)
+    ours = fid.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=3)  # integers: ties on spheres
+    assert ours == precision_recall_by_numpy(real, fake, 3, distances=distances_by_numpy)
 
 
 # --- end to end: the command line and the training hook -------------------------------------------
@@ -490,11 +530,11 @@ class PixelFeatures(torch.nn.Module):
         self.classifier, self.feature_calls = classifier, 0
 
     def forward(self, images):
-        return images.float().flatten(1)[:, :6] / 255
+        return images.float().flatten(1)[:, :6] / 256
 
     def features(self, images):
         self.feature_calls += 1
-        x = images.float().flatten(1) / 255
+        x = images.float().flatten(1) / 256    # multiples of 1/256: float32 sums exact (see dyadic_features)
         out = {'pool_3': x[:, :6], 'spatial': x[:, 6:11]}
         if self.classifier:
             out['softmax'] = torch.softmax(4 * x[:, 11:15], dim=1)
