@@ -480,7 +480,8 @@ def run_fid(rec, size, device, weights, work):
               + dev + size['extra'], CAPS['fid_ckpt'], lambda out: {'ckpt': str(ckpt_dir / 'ckpt.pt')}),
              ('fid.sample', ['sample.py', '--ckpt', ckpt_dir, '--n', size['fid_n'], '--steps', 2, '--out', samples]
               + dev, CAPS['fid_sample'], lambda out: {'n': size['fid_n'], 'steps': 2}),
-             ('fid.calc', ['fid.py', 'calc', samples, '--ref', ref, '--batch', size['fid_batch']] + dev + wflags,
+             ('fid.calc', ['fid.py', 'calc', samples, '--ref', ref, '--metrics', 'fid', '--batch', size['fid_batch']]
+              + dev + wflags,
               CAPS['fid_calc'], lambda out: {'fid': float(re.search(r'FID: ([-\d.e+naif]+)', out).group(1))})]
     walls = {}
     for key, argv, cap, parse in steps:
