@@ -1,5 +1,6 @@
-"""EDM's non-leaking augmentation in augment.py as a specification: what each transform does to an image, what the
-augmentation labels say about it, and how the draws stay the same across seeds, resumes and ranks."""
+"""EDM's non-leaking augmentation in augment.py as a specification: what each transform does to an image, how
+accurately and how EDM resamples it, what the augmentation labels say about it, and how the draws stay the same
+across seeds, resumes and ranks."""
 import math
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repository root
 
-from augment import AUGMENT_DIM, AUGMENT_P, apply_augment, draw_augment  # noqa: E402
+from augment import AUGMENT_DIM, AUGMENT_P, _warp, apply_augment, draw_augment  # noqa: E402
 from util import UsageError  # noqa: E402
 
 
@@ -47,28 +48,33 @@ def test_y_flip_alone_is_an_exact_flip_with_label_one():
     assert torch.equal(out, x.flip(2)) and torch.equal(labels[:, 1], torch.ones(len(x)))
 
 
-def test_quarter_turn_is_a_rotation_of_the_pixel_grid():
-    x = images()
-    out, labels = apply_augment(x, only(3, math.pi / 2))
-    torch.testing.assert_close(out, torch.rot90(x, 1, dims=(2, 3)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(labels[:, 3:5], torch.tensor([[-1.0, 1.0]]).expand(len(x), 2))
+def test_resampling_through_the_identity_gives_the_image_back():
+    x = images(size=32)          # noise: the sym6 filter is orthonormal, so downsampling undoes upsampling exactly
+    out = _warp(x, torch.eye(2).expand(len(x), 2, 2), torch.zeros(len(x), 2))
+    torch.testing.assert_close(out, x, atol=2e-5, rtol=0)
 
 
 def test_whole_pixel_translation_is_a_shift_with_reflected_border():
     x = images(size=16)                                   # w_tx = 1 is 16 / 8 = 2 pixels to the right
     out, labels = apply_augment(x, only(6, 1.0))
-    torch.testing.assert_close(out, F.pad(x, (2, 0, 0, 0), mode='reflect')[..., :16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, F.pad(x, (2, 0, 0, 0), mode='reflect')[..., :16], atol=2e-5, rtol=0)
     assert torch.equal(labels[:, 7], torch.ones(len(x)))
 
 
-def smooth(x, y):
-    """A smooth image, as a function of pixel coordinates from the image centre."""
-    return 0.5 * torch.sin(0.15 * x + 0.1 * y) * torch.cos(0.12 * y - 0.05 * x)
+def wave(x, y):
+    """A band-limited image (periods of 12 to 32 pixels), as a function of pixel coordinates from the image centre:
+    its exact transform is known at every point."""
+    return (0.3 * torch.sin(2 * math.pi * (0.06 * x + 0.02 * y) + 0.3)
+            + 0.25 * torch.cos(2 * math.pi * (-0.04 * x + 0.06 * y) + 1.1)
+            + 0.2 * torch.sin(2 * math.pi * (0.03 * x - 0.07 * y) + 2.0))
+
+
+PIVOT = -0.049   # EDM's rotations and scalings turn about (PIVOT, PIVOT) pixels from the centre (augment.py)
 
 
 def source_points_from_labels(labels, size):
     """Where each output pixel's value comes from, read from the labels alone (EDM's layout): the content is
-    flipped, scaled by s, rotated by -angle, stretched by a along `axis` (1/a across), then shifted."""
+    flipped, scaled by s, rotated by -angle, stretched by a along `axis` (1/a across) about the pivot, then shifted."""
     flip_x, flip_y, w_scale, cos_m1, sin, aniso_x, aniso_y, w_tx, w_ty = labels.double().unbind(1)
     angle = torch.atan2(sin, cos_m1 + 1)
     axis, w_aniso = torch.atan2(aniso_y, aniso_x), torch.hypot(aniso_x, aniso_y)
@@ -87,39 +93,45 @@ def source_points_from_labels(labels, size):
     c = (size - 1) / 2
     rows, cols = torch.meshgrid(torch.arange(size) - c, torch.arange(size) - c, indexing='ij')
     p = torch.stack([cols, rows], -1).double()                            # [H, W, 2] as (x, y)
-    q = torch.linalg.solve(forward[:, None, None], (p - shift[:, None, None])[..., None])[..., 0]
+    q = torch.linalg.solve(forward[:, None, None], (p - shift[:, None, None] - PIVOT)[..., None])[..., 0] + PIVOT
     flips = torch.stack([1 - 2 * flip_x, 1 - 2 * flip_y], 1)               # a flip negates a centred coordinate
     return q * flips[:, None, None]
 
 
-def test_labels_describe_the_transform():
-    size, n = 32, 64
+def transformed_wave(n, seed, size=32):
+    """Wave images augmented at p = 1, their exact transform read from the labels, and which pixels take their
+    value from 3 or more pixels inside the image (nearer the edges, reflection is not the wave)."""
     c = (size - 1) / 2
     rows, cols = torch.meshgrid(torch.arange(size) - c, torch.arange(size) - c, indexing='ij')
-    x = smooth(cols.float(), rows.float()).expand(n, 3, size, size)
-    out, labels = apply_augment(x, draw_augment(n, 1.0, torch.Generator().manual_seed(1)))
+    x = wave(cols.double(), rows.double()).float().expand(n, 3, size, size)
+    out, labels = apply_augment(x, draw_augment(n, 1.0, torch.Generator().manual_seed(seed)))
     q = source_points_from_labels(labels, size)
-    inside = (q.abs() < c - 1.5).all(-1)                  # bicubic reads only pixels of the image, no reflection
-    assert inside.sum() > n * size * size / 4
-    expected = smooth(q[..., 0], q[..., 1]).float()
-    error = (out[:, 0] - expected)[inside].abs().max()
-    assert error < 0.01, f"augmented image differs from the labels' transform by {error}"
+    return out[:, 0], wave(q[..., 0], q[..., 1]).float(), (q.abs() < c - 3).all(-1), labels
+
+
+def test_labels_describe_the_transform():
+    out, expected, inside, labels = transformed_wave(64, seed=1)
+    assert inside.sum() > inside.numel() / 4
+    error = (out - expected)[inside].abs().max()
+    assert error < 0.02, f"augmented image differs from the labels' transform by {error}"
     assert (labels[:, [2, 3, 4, 5, 7, 8]] != 0).all()      # p = 1: every geometric transform was applied ...
     assert (labels[:, 6] != 0).any() and (labels[:, 6] == 0).any()   # ... along a rotated axis half the time
 
 
-def test_geometric_transforms_are_resampled_smoothly():
-    size = 32
-    c = (size - 1) / 2
-    rows, cols = torch.meshgrid(torch.arange(size) - c, torch.arange(size) - c, indexing='ij')
-    x = smooth(cols.float(), rows.float()).expand(4, 3, size, size)
-    for column, value in [(2, 1.0), (4, -1.5), (7, 0.3)]:   # scaling, anisotropic scaling, fractional shift
-        params = only(column, value)
-        params[:, 5] = 0.7                                  # the axis of the anisotropic scaling
-        out, labels = apply_augment(x, params)
-        q = source_points_from_labels(labels, size)
-        inside = (q.abs() < c - 1.5).all(-1)
-        torch.testing.assert_close(out[:, 0][inside], smooth(q[..., 0], q[..., 1]).float()[inside], atol=0.01, rtol=0)
+def test_a_band_limited_image_is_transformed_as_accurately_as_by_edms_pipeline():
+    # Mean errors here, with the same transforms: EDM's pipeline 1.2e-3 (measured outside this repository); bicubic
+    # resampling 8.3e-3 (it turns about the centre); the sym6 filter reversed 6.0e-2; Daubechies' db6 filter 0.28.
+    out, expected, inside, _ = transformed_wave(256, seed=2)
+    error = (out - expected)[inside].abs().mean()
+    assert error < 2.5e-3, f"mean error {error} on a band-limited image"
+
+
+def test_shrinking_fine_stripes_does_not_alias_them():
+    size = 32                                             # 0.45 cycles per pixel, shrunk by 2^-0.7 to 0.73: past
+    stripes = torch.cos(2 * math.pi * 0.45 * torch.arange(size)).expand(4, 3, size, size)   # Nyquist (0.5)
+    out, _ = apply_augment(stripes, only(2, -3.5))
+    rms = out[..., 8:24, 8:24].pow(2).mean().sqrt()       # the input's is 0.71; bicubic keeps 0.49 as false stripes
+    assert rms < 0.1, f"shrunk stripes keep an rms of {rms}"
 
 
 def test_same_seed_gives_the_same_augmentation():
@@ -132,19 +144,27 @@ def test_same_seed_gives_the_same_augmentation():
 
 
 def test_same_step_draws_the_same_augmentation_on_one_and_two_ranks():
-    x = images(8)
-    params = draw_augment(8, 0.5, torch.Generator().manual_seed(5))   # the global batch, on every rank
+    x = images(8, size=32)
+    params = draw_augment(8, 1.0, torch.Generator().manual_seed(5))   # the global batch, on every rank
     whole, whole_labels = apply_augment(x, params)
     halves = [apply_augment(x[rows], params[rows]) for rows in (slice(0, 4), slice(4, 8))]
-    assert torch.equal(torch.cat([h[0] for h in halves]), whole)
+    # the same to float rounding: a convolution may sum in another order for another batch size
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole, atol=1e-6, rtol=0)
     assert torch.equal(torch.cat([h[1] for h in halves]), whole_labels)
 
 
-def test_output_is_finite_and_in_range():
-    x = images(64, size=32).sign()                        # sharp edges: bicubic would overshoot without the clip
-    out, labels = apply_augment(x, draw_augment(64, 1.0, torch.Generator().manual_seed(6)))
+def test_an_image_is_resampled_as_if_alone_in_its_batch():
+    x = images(2, size=32)                 # a strong shrink, and a stronger one that needs all the padding there is:
+    params = torch.tensor([[0, 0, -2.85, -1.7, 1.76, 0, -1.27, 0.45],   # padding the batch as EDM does, by its most
+                           [0, 0, -6.0, math.pi / 4, 0, 0, 0, 0]])      # demanding image, moves the first by 7e-4
+    torch.testing.assert_close(apply_augment(x, params)[0][:1], apply_augment(x[:1], params[:1])[0], atol=1e-6, rtol=0)
+
+
+def test_output_is_finite_and_not_clamped():
+    x = images(64, size=32).sign()                        # sharp edges ring past [-1, 1] (to about +-1.95 here), as
+    out, labels = apply_augment(x, draw_augment(64, 1.0, torch.Generator().manual_seed(6)))   # in EDM's pipeline
     assert out.isfinite().all() and labels.isfinite().all()
-    assert out.min() >= -1 and out.max() <= 1
+    assert out.max() > 1.5 and out.min() < -1.5 and out.abs().max() < 3
 
 
 def test_probabilities_are_edms_cifar10_setting():
