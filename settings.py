@@ -201,8 +201,9 @@ def parser():
              "forward of time; may change on --resume" + table)
     # output
     add('--out', help='output folder (default: runs/<dataset>)')
-    add('--init-from', help="start from the EMA weights of a train.py checkpoint or of the authors' released "
-                            "cifar10.pt (their network and its settings); the optimizer starts fresh")
+    add('--init-from', help="start from the EMA weights of a train.py checkpoint (file or run folder) or of the "
+                            "authors' release, e.g. hf://lumaai/imm/cifar10.pt (their network and its settings); the "
+                            "optimizer starts fresh")
     add('--resume', nargs='?', const='',
         help='continue from a checkpoint: alone, <out>/ckpt.pt if it exists, else start a new run (the same command '
              'can be rerun after a preemption); PATH: that file, which must exist. Pass the flags of the first run')
