@@ -41,7 +41,7 @@ from PIL import Image
 
 from data import IMAGE_SUFFIXES, load_dataset
 from inception import InceptionFeatures, load_weights  # noqa: F401 (tools/gpu_check.py reads fid.load_weights)
-from util import UsageError, exit_on_usage_error, write_atomically
+from util import Progress, UsageError, exit_on_usage_error, write_atomically
 
 PAPER_N = 50_000  # papers report FID-50k; fewer samples bias FID upwards
 # ADM's evaluator (openai/guided-diffusion, evaluations/evaluator.py), whose numbers ImageNet papers report:
@@ -189,23 +189,6 @@ def precision_recall(real, fake, k=PR_K, block=10_000, label=None):
             real_inside[i:i + block] |= (d <= fake_radii[None, j:j + block]).any(dim=1)
             progress.add(d.numel())
     return fake_inside.double().mean().item(), real_inside.double().mean().item()
-
-
-class Progress:
-    """A line on stderr about every 10 s and at the end: done/total, rate and time left. Silent without a label."""
-
-    def __init__(self, label, total, unit):
-        self.label, self.total, self.unit, self.done = label, total, unit, 0
-        self.start = self.last = time.time()
-
-    def add(self, count):
-        self.done += count
-        now = time.time()
-        if self.label and (now - self.last > 10 or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f'{self.label}: {self.done:,}/{self.total:,} {self.unit}, {rate:.4g} {self.unit}/s, '
-                  f'{now - self.start:.0f} s, ETA {(self.total - self.done) / rate:.0f} s', file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

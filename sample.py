@@ -43,7 +43,7 @@ from authors import DEFAULT_VAE
 from data import decode, save_image_grid, save_scatter
 from imm import IMMConfig, sample, sampling_times
 from model import PRESETS, build_net
-from util import UsageError, exit_on_usage_error, write_atomically
+from util import Progress, UsageError, exit_on_usage_error, write_atomically
 from vae import decode_latents, load_vae
 
 GRID = 64  # images shown in the PNG; all samples go to the .npz
@@ -91,21 +91,6 @@ def draw_inputs(generator, count, shape, num_classes, sigma_d):
     return torch.stack(noise), torch.stack(labels) if num_classes else None
 
 
-class Progress:
-    """A line every `every` seconds (and at the end) of work done: count, rate and time left."""
-
-    def __init__(self, total, what, every=5.0):
-        self.total, self.what, self.every = total, what, every
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done):
-        now = time.perf_counter()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last, rate = now, done / (now - self.start)
-        print(f'{done}/{self.total} {self.what}, {rate:.1f}/s, ETA {(self.total - done) / rate:.0f} s', flush=True)
-
-
 def generate(net, cfg, times, guidance, data, n, fm, device, autocast, args, vae=None, rank=0, world=1):
     """n samples, batch by batch, decoded: {'arr_0': uint8 NHWC images (latents: through vae) or float32 [n, D]
     vectors, 'arr_1': int64 labels of a class-conditional net} on rank 0 (None on the other ranks). Batch j is
@@ -115,7 +100,8 @@ def generate(net, cfg, times, guidance, data, n, fm, device, autocast, args, vae
     noise_generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise on every device
     gather_group = dist.new_group(backend='gloo') if world > 1 else None  # gathers CPU arrays, whatever the device
     batches = [(start, min(args.batch, n - start)) for start in range(0, n, args.batch)]
-    samples, labels_all, mine, progress = [], [], None, Progress(n, 'samples')
+    samples, labels_all, mine = [], [], None
+    progress = Progress('sample' if rank == 0 and n > args.batch else None, n, 'samples')
     for j, (start, count) in enumerate(batches):
         noise, labels = draw_inputs(noise_generator, count, shape, num_classes, cfg.sigma_d)
         if labels is not None and args.class_label is not None:
@@ -125,10 +111,10 @@ def generate(net, cfg, times, guidance, data, n, fm, device, autocast, args, vae
         if j % world == rank:
             mine = sample_batch(net, cfg, times, guidance, data, noise, labels, fm, device, autocast, args, vae, j)
         if j % world == world - 1 or j == len(batches) - 1:   # a round ends: rank r sampled batch j - j % world + r
-            samples += [x for x in gather(mine, rank, world, gather_group) if x is not None]
+            done = [x for x in gather(mine, rank, world, gather_group) if x is not None]
+            samples += done
+            progress.add(sum(len(x) for x in done))
             mine = None
-        if rank == 0 and n > args.batch:
-            progress(sum(len(x) for x in samples))
     if rank != 0:
         return None
     arrays = {'arr_0': np.concatenate(samples)}

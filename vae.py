@@ -30,7 +30,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from PIL import Image
 
 from authors import DEFAULT_VAE, IMAGENET_LATENT_MEAN, IMAGENET_LATENT_STD
 from data import ImageFiles, encode, image_files, latent_statistics, to_uint8
-from util import UsageError, exit_on_usage_error, write_atomically
+from util import Progress, UsageError, exit_on_usage_error, write_atomically
 
 
 def load_vae(name, device):
@@ -110,7 +109,7 @@ def encode_folder(args):
           flush=True)
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(args.out) or '.', prefix='.vae-') as scratch:
-        posterior, done, start, last = None, 0, time.time(), time.time()
+        posterior, done, progress = None, 0, Progress('encode', len(paths), 'images')
         for images, errors in loader:
             if any(errors):
                 raise UsageError(next(e for e in errors if e))
@@ -120,10 +119,7 @@ def encode_folder(args):
                                                        (len(paths), *mean.shape[1:])) for key in ('mean', 'std')]
             posterior[0][done:done + len(mean)], posterior[1][done:done + len(std)] = mean, std
             done += len(mean)
-            if time.time() - last > 10 or done == len(paths):
-                last, rate = time.time(), done / (time.time() - start)
-                print(f"{done}/{len(paths)} images, {rate:.1f} img/s, ETA {(len(paths) - done) / rate / 60:.1f} min",
-                      flush=True)
+            progress.add(len(mean))
         for array in posterior:
             array.flush()
         arrays = dict(x=posterior[0], posterior_std=posterior[1], vae=np.str_(args.vae),
