@@ -98,7 +98,6 @@ def generate(net, cfg, times, guidance, data, n, fm, device, autocast, args, vae
     num_classes, shape = net.num_classes, list(data['shape'])
     net = prepare(net, device, args)
     noise_generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise on every device
-    gather_group = dist.new_group(backend='gloo') if world > 1 else None  # gathers CPU arrays, whatever the device
     batches = [(start, min(args.batch, n - start)) for start in range(0, n, args.batch)]
     samples, labels_all, mine = [], [], None
     progress = Progress('sample' if rank == 0 and n > args.batch else None, n, 'samples')
@@ -111,7 +110,7 @@ def generate(net, cfg, times, guidance, data, n, fm, device, autocast, args, vae
         if j % world == rank:
             mine = sample_batch(net, cfg, times, guidance, data, noise, labels, fm, device, autocast, args, vae, j)
         if j % world == world - 1 or j == len(batches) - 1:   # a round ends: rank r sampled batch j - j % world + r
-            done = [x for x in gather(mine, rank, world, gather_group) if x is not None]
+            done = [x for x in gather(mine, rank, world) if x is not None]
             samples += done
             progress.add(sum(len(x) for x in done))
             mine = None
@@ -123,12 +122,12 @@ def generate(net, cfg, times, guidance, data, n, fm, device, autocast, args, vae
     return arrays
 
 
-def gather(mine, rank, world, group):
+def gather(mine, rank, world):
     """Rank 0: the arrays of every rank (None where a rank had no batch), in rank order; the other ranks: []."""
     if world == 1:
         return [mine]
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0, group=group)
+    dist.gather_object(mine, gathered, dst=0)
     return gathered or []
 
 
@@ -215,7 +214,7 @@ def init_processes(args):
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    dist.init_process_group('gloo')   # the ranks exchange decoded samples, CPU arrays, whatever the device
     return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 
