@@ -314,13 +314,13 @@ def _read_array(path, resolution):
         with loaded:
             keys = list(loaded.keys())
             if len(keys) == 1:
-                array = _npz_member(path, loaded, keys[0])
+                array = npz_member(path, loaded, keys[0])
             elif 'x' in keys:
-                array = _npz_member(path, loaded, 'x')
+                array = npz_member(path, loaded, 'x')
                 labels = loaded['labels'] if 'labels' in keys else None
                 latent = {k: loaded[k] for k in LATENT_KEYS if k in keys}
                 if 'posterior_std' in keys:
-                    latent['posterior_std'] = _npz_member(path, loaded, 'posterior_std')
+                    latent['posterior_std'] = npz_member(path, loaded, 'posterior_std')
             else:
                 raise UsageError(f"{path!r} holds arrays {keys}; expected one array, or 'x' (and optional 'labels')")
     else:
@@ -477,7 +477,7 @@ def _chunks(array, values=1 << 22):
             yield np.fromfile(f, array.dtype, n * row).reshape(n, *array.shape[1:])
 
 
-def _npz_member(path, npz, key):
+def npz_member(path, npz, key):
     """The array `key` of an .npz: memory-mapped read-only where it can be (_map_npz_member), else read."""
     mapped = _map_npz_member(path, key)
     return npz[key] if mapped is None else mapped

@@ -386,6 +386,21 @@ def test_fid_reads_every_image_format_that_training_reads(tmp_path):
     assert all(torch.equal(read[order.index(i)], torch.from_numpy(images[i]).permute(2, 0, 1)) for i in lossless)
 
 
+def test_samples_are_read_batch_by_batch_from_the_file_compressed_or_not(tmp_path, monkeypatch):
+    import data
+    images = random_images(7, 8, seed=3).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / 'plain.npz', arr_0=images)              # as sample.py and ADM write them: mappable
+    np.savez_compressed(tmp_path / 'packed.npz', arr_0=images)  # read whole
+    mapped = []
+    monkeypatch.setattr(fid, 'npz_member', lambda *a: mapped.append(data.npz_member(*a)) or mapped[-1])
+    for name in ('plain.npz', 'packed.npz'):
+        count, batches = fid.read_images(tmp_path / name, batch=3)
+        assert count == 7 and [len(b) for b in batches] == [3, 3, 1]
+        assert torch.equal(torch.cat(list(fid.read_images(tmp_path / name, batch=3)[1])),
+                           torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert isinstance(mapped[0], np.memmap) and not isinstance(mapped[-1], np.memmap)
+
+
 def test_ref_reads_cifar10_through_data_py(net, tmp_path, monkeypatch):
     from test_data import write_fake_cifar10  # the real on-disk format, 5 batches of 4 images
     monkeypatch.setattr(fid, 'InceptionFeatures', lambda weights: net)
