@@ -29,8 +29,9 @@ dimension to std sigma_d, the data scale the IMM schedules assume (docs/method.m
 `mean` and `std` undo it. Latents are normalised per channel the same way, x = (raw - mean) / std * sigma_d
 (normalise_latents; denormalise_latents undoes it), and kept in float16 (ImageNet's 1.28M latents: 10.5 GB; the
 release also runs its VAE in fp16); train.py casts each batch to float32.
-decode() maps the network's outputs back (to uint8 images, vector units, raw latents); save_image_grid and
-save_scatter write the pictures that train.py and sample.py show. EDM's augmentation of image batches is augment.py.
+decode() maps the network's outputs back (to uint8 images, vector units, raw latents); save_image_grid,
+save_scatter and save_side_by_side write the pictures that train.py and sample.py show. EDM's augmentation of
+image batches is augment.py.
 """
 
 import os
@@ -435,6 +436,25 @@ def save_image_grid(images, path, columns=None):
         top, left = (i // columns) * (h + 1) + 1, (i % columns) * (w + 1) + 1
         grid[top:top + h, left:left + w] = image
     Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
+
+
+def save_side_by_side(paths, labels, path, height=256, title=14, gap=8):
+    """The pictures at `paths` in one PNG, side by side, each under its label and enlarged by a whole factor
+    (nearest neighbour) to about `height` pixels: train.py shows its 1- and 2-step samples of the same noise so."""
+    from PIL import ImageDraw
+    panels = []
+    for source in paths:
+        with Image.open(source) as picture:
+            scale = max(1, height // picture.height)
+            panels.append(picture.convert('RGB').resize((scale * picture.width, scale * picture.height), Image.NEAREST))
+    canvas = Image.new('RGB', (sum(p.width for p in panels) + gap * (len(panels) - 1),
+                               title + max(p.height for p in panels)), 'white')
+    left = 0
+    for panel, label in zip(panels, labels):
+        ImageDraw.Draw(canvas).text((left + 2, 1), label, fill='black')
+        canvas.paste(panel, (left, title))
+        left += panel.width + gap
+    canvas.save(path)
 
 
 def save_scatter(points, path, extent=None, size=256):

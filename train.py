@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import settings
 from augment import AUGMENT_DIM, apply_augment, draw_augment
-from data import Dataset, decode, encode, load_dataset, save_image_grid, save_scatter, to_uint8
+from data import Dataset, decode, encode, load_dataset, save_image_grid, save_scatter, save_side_by_side, to_uint8
 from imm import draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import build_net
 from util import UsageError, exit_on_usage_error
@@ -292,8 +292,9 @@ class Output:
         self.log_file.flush()
 
     def pictures(self, ema, done):
-        """1- and 2-step samples of the EMA from the fixed noise: an image grid, or a 2-D density picture."""
-        data = self.info
+        """1- and 2-step samples of the EMA from the fixed noise (an image grid, or a 2-D density picture), and both
+        side by side, labelled: on small images a short run's 1-step samples can lag far behind its 2-step ones."""
+        data, paths = self.info, []
         for steps in (1, 2):
             x0 = sample(ema, self.noise, sampling_times(steps, self.cfg), self.cfg, self.labels,
                         denoiser=self.args.loss == 'fm')
@@ -304,6 +305,9 @@ class Output:
                 save_image_grid(decode(x0, 'image'), path)
             else:
                 save_scatter(decode(x0, 'vector', data.mean, data.std), path, self.extent)
+            paths.append(path)
+        save_side_by_side(paths, ['1 step', '2 steps'],
+                          os.path.join(self.args.out, 'samples', f'{done:07d}-1and2step.png'))
 
     def evaluate_fid(self, ema, autocast, done, say):
         """FID of --fid-n EMA samples at 1 and 2 steps, the same noise (and labels) each time; the best 2-step

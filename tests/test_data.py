@@ -15,7 +15,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repository root
 
-from data import SIGMA_D, TOYS, decode, load_dataset, make_toy, save_image_grid, save_scatter  # noqa: E402
+from data import (SIGMA_D, TOYS, decode, load_dataset, make_toy, save_image_grid, save_scatter,  # noqa: E402
+                  save_side_by_side)
 from util import UsageError  # noqa: E402
 
 
@@ -230,3 +231,16 @@ def test_save_scatter_draws_points_dark_on_white(tmp_path):
     (row0, col0), = np.argwhere(pixels == 0)
     (row1, col1), = np.argwhere((pixels > 0) & (pixels < 255))
     assert row1 < row0 and col1 > col0
+
+
+def test_save_side_by_side_enlarges_each_picture_whole_under_its_label(tmp_path):
+    small = np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / 'a.png')
+    Image.fromarray(small[:, :, 0]).save(tmp_path / 'b.png')                 # grey
+    save_side_by_side([tmp_path / 'a.png', tmp_path / 'b.png'], ['1 step', '2 steps'], tmp_path / 'ab.png',
+                      height=40, title=14, gap=8)
+    both = np.asarray(Image.open(tmp_path / 'ab.png'))
+    assert both.shape == (14 + 40, 40 + 8 + 40, 3)                             # enlarged 4x, side by side
+    assert np.array_equal(both[14:, :40], small.repeat(4, 0).repeat(4, 1))
+    assert np.array_equal(both[14:, 48:], small[:, :, :1].repeat(3, 2).repeat(4, 0).repeat(4, 1))
+    assert (both[:14] < 128).any()                                             # the labels: dark text on white
