@@ -318,7 +318,7 @@ def _read_array(path, resolution):
                 raise UsageError(f"{path!r} holds arrays {keys}; expected one array, or 'x' (and optional 'labels')")
     else:
         array = loaded
-    if len(array) == 0:
+    if array.size == 0:
         raise UsageError(f"{path!r} holds an empty array {list(array.shape)}; expected {what}")
     if labels is not None:
         if labels.shape != (len(array),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
@@ -458,10 +458,13 @@ def save_side_by_side(paths, labels, path, height=256, title=14, gap=8):
 
 
 def save_scatter(points, path, extent=None, size=256):
-    """Write 2-D points [N, 2] as a density picture (darker = more points, log scale) on a white square.
+    """Write 2-D points [N, 2] (the first two columns of [N, D]; 1-D points on the x axis) as a density picture
+    (darker = more points, log scale) on a white square.
 
     extent = (lo, hi) is the plotted range on both axes; by default it is fitted to the points."""
     points = np.asarray(points, dtype=np.float64)[:, :2]
+    if points.shape[1] == 1:                                         # 1-D data: along the x axis, at y = 0
+        points = np.concatenate([points, np.zeros_like(points)], 1)
     points = points[np.isfinite(points).all(1)]
     if extent is None:
         lo, hi = (points.min(), points.max()) if len(points) else (-1.0, 1.0)

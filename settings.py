@@ -330,7 +330,8 @@ def check_network(net_config, args, data):
         fixes = ([f"--resolution {_nearest(lambda r: r % step == 0, side)} (crop and resize)"]
                  if data.kind == 'image' else []) + ([f"one of --model {', '.join(takes)}"] if takes else [])
         raise UsageError(f"--model {args.model} {how}, so the side must be a multiple of {step}; {args.dataset!r} "
-                         f"holds {data.kind}s of side {side}{': pass ' + ', or '.join(fixes) if fixes else ''}")
+                         f"holds {data.kind}s of side {side}: "
+                         f"{'pass ' + ', or '.join(fixes) if fixes else 'no preset takes that side'}")
     if args.channels is None:
         return
     if arch == 'unet':

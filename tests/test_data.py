@@ -159,6 +159,7 @@ def test_npz_with_labels_and_float_vectors(tmp_path):
     (np.zeros(7, np.float32), 'float32 [7]'),                       # no sample axis
     (np.zeros((4, 8, 8, 5), np.uint8), 'uint8 [4, 8, 8, 5]'),       # no channel axis of 1 or 3
     (np.zeros((0, 2), np.float32), 'empty'),
+    (np.zeros((4, 0), np.float32), 'empty array [4, 0]'),          # vectors of no dimension
 ])
 def test_arrays_of_the_wrong_shape_or_dtype_are_refused(tmp_path, array, words):
     np.save(tmp_path / 'bad.npy', array)
@@ -231,6 +232,13 @@ def test_save_scatter_draws_points_dark_on_white(tmp_path):
     (row0, col0), = np.argwhere(pixels == 0)
     (row1, col1), = np.argwhere((pixels > 0) & (pixels < 255))
     assert row1 < row0 and col1 > col0
+
+
+def test_save_scatter_draws_one_dimensional_points_along_the_x_axis(tmp_path):
+    save_scatter(np.array([[-1.0]] * 5 + [[1.0]] * 5), tmp_path / 's.png', extent=(-2, 2), size=64)
+    with Image.open(tmp_path / 's.png') as picture:
+        rows = np.argwhere(np.asarray(picture) < 255)[:, 0]
+    assert len(rows) == 2 and rows[0] == rows[1] and abs(rows[0] - 31.5) < 1  # two dots at y = 0, mid-height
 
 
 def test_save_side_by_side_enlarges_each_picture_whole_under_its_label(tmp_path):

@@ -98,7 +98,7 @@ def test_every_preset_runs_at_its_own_width():
     (data_of(7), [], '--model small halves the image side at each of its 2 levels but the last, so the side must be '
                      'a multiple of 2; ' "'images' holds images of side 7: pass --resolution 6 or 8 (crop and resize)"),
     (data_of(30), ['--model', 'dit-s4'], 'pass --resolution 28 or 32 (crop and resize), or one of --model tiny, small'),
-    (data_of(7, 4, 'latent'), ['--model', 'dit-s2'], "holds latents of side 7"),       # no --resolution for latents
+    (data_of(7, 4, 'latent'), ['--model', 'dit-s2'], 'holds latents of side 7: no preset takes that side'),
     (data_of(8), ['--channels', '48'], '--channels 48: the U-Net of --model small needs an even number >= 4'),
     (data_of(8), ['--channels', '48'], 'accepted near 48: 40 or 64'),
     (data_of(8), ['--channels', '3'], 'accepted near 3: 4'),
