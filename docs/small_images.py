@@ -258,15 +258,16 @@ def sweep(args):
     for config in configs:
         for set_name in sets:
             run_cell(args, cells, set_name, config, steps_list, real[set_name][0], inception)
-    return report(args)
+    return report(args, [args.stage])
 
 
-def report(args):
+def report(args, stages=STAGES):
     """Per stage a table: one row per configuration, per set the FID-1k at 1 / 2 (/ 4) steps and the steps trained."""
     cells, lines = Cells(args.work), []
     floors = {s: digits.floor(np.load(p))[0] for s in SETS
               if os.path.isfile(p := os.path.join(args.work, 'real', f'{s}.npy'))}
-    for stage, (sets, configs, steps_list) in STAGES.items():
+    for stage in stages:
+        sets, configs, steps_list = STAGES[stage]
         done = [c for c in configs if any(cells.all.get(f'{s}|{c}', {}).get('fid1') for s in sets)]
         if not done:
             continue
