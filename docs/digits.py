@@ -19,6 +19,7 @@ for each class; the table gives the share classified as the class asked for.
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 
@@ -107,7 +108,7 @@ def run_fid(args):
     scores = {}
     for row in args.rows:
         method, steps = row.split(':')
-        path = trained(args.work, method, METHODS[method][1], args.iters)
+        path = trained(args.work, method, METHODS[method][1] + args.flags, args.iters)
         gen = generate(path, int(steps), len(real))
         f = features(os.path.join(args.work, f'{method}-{steps}step-features.npy'), gen, inception)
         scores[method, int(steps)] = fid.frechet_distance(*fid.feature_stats(f), *real_stats)
@@ -135,7 +136,7 @@ def run_guidance(args):
     classifier = LogisticRegression(max_iter=2000)
     held_out = cross_val_score(classifier, x, y, cv=5).mean()     # how well it reads real digits it has not seen
     classifier.fit(x, y)
-    path = trained(args.work, 'cond', ['--cond'], args.iters)
+    path = trained(args.work, 'cond', ['--cond'] + args.flags, args.iters)
     labels = torch.arange(10).repeat_interleave(PER_CLASS)
     lines = ['| guidance w | 1 step | 2 steps |', '|---|---|---|']
     for w in GUIDANCE:
@@ -153,8 +154,8 @@ def run_picture(args):
     """docs/demo_digits.png: 1- and 2-step samples of the unconditional run beside one row per class (2 steps,
     guidance 1.5) of the --cond run, enlarged 4x with square pixels."""
     from PIL import Image
-    uncond = trained(args.work, 'imm', METHODS['imm'][1], args.iters)
-    cond = trained(args.work, 'cond', ['--cond'], args.iters)
+    uncond = trained(args.work, 'imm', METHODS['imm'][1] + args.flags, args.iters)
+    cond = trained(args.work, 'cond', ['--cond'] + args.flags, args.iters)
 
     def grid(images, columns):                                 # uint8 [N, 1, 8, 8] -> a grid with 1-pixel gaps
         n, _, h, w = images.shape
@@ -181,6 +182,8 @@ def main(argv=None):
     p.add_argument('--weights', help='FID Inception weights file (default: downloaded by fid.py)')
     p.add_argument('--rows', nargs='+', default=ROWS, choices=ROWS, help='method:steps rows of the fid table')
     p.add_argument('--iters', type=int, help="training steps of every run (default: train.py's for small images)")
+    p.add_argument('--flags', type=shlex.split, default=[],
+                   help='more train.py flags for every run, as one string: e.g. the defaults a table was made with')
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     start = time.time()
