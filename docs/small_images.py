@@ -225,7 +225,9 @@ def run_cell(args, cells, set_name, config, steps_list, real_stats, inception):
     if 'train_s' not in r:
         shutil.rmtree(os.path.join(args.work, name), ignore_errors=True)   # a run cut short starts over
         start, cpu, load = time.time(), time.process_time(), os.getloadavg()[0]
-        digits.trained(args.work, name, flags, None if '--iters' in flags else r['iters'], dataset)
+        path = digits.trained(args.work, name, flags, None if '--iters' in flags else r['iters'], dataset)
+        if torch.load(path, map_location='cpu', weights_only=True)['step'] != r['iters']:
+            raise RuntimeError(f'{name} stopped before step {r["iters"]} (Ctrl-C or SIGTERM); run the stage again')
         r.update(train_s=round(time.time() - start, 1), train_cpu_s=round(time.process_time() - cpu, 1),
                  load=[round(load, 2), round(os.getloadavg()[0], 2)])
         cells.save()
