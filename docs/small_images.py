@@ -160,30 +160,59 @@ CONFIGS = {   # name: flags; a configuration without --iters trains for BUDGET_S
     'today': TODAY + ['--iters', '1500'],       # the defaults before this sweep, as they were (1500 steps)
     'base': TODAY,                              # the same at the sweep's time budget
     'batch64': vary(TODAY, batch=64), 'batch32': vary(TODAY, batch=32), 'ch16': vary(TODAY, channels=16),
-    'lr2e-3': vary(TODAY, lr=2e-3), 'ema0.99': vary(TODAY, ema=0.99), 'k8': vary(TODAY, k=8),
+    'lr2e-3': vary(TODAY, lr=2e-3),
+    # stage 2: batch 32, the best of stage 1 on every set at 1 step, with one more change each
+    'batch16': vary(TODAY, batch=16), 'b32-ch16': vary(TODAY, batch=32, channels=16),
+    'b32-lr2e-3': vary(TODAY, batch=32, lr=2e-3), 'b32-k8': vary(TODAY, batch=32, k=8),
 }
 SCREEN = ['digits-colour', 'digits-texture-16', 'patches-16']
 STAGES = {   # stage: (sets, configurations, sampling steps scored)
-    '1': (SCREEN, ['base', 'batch64', 'ch16', 'batch32', 'lr2e-3', 'ema0.99', 'k8'], (1, 2)),
+    '1': (SCREEN, ['base', 'batch64', 'ch16', 'batch32', 'lr2e-3'], (1, 2)),
+    '2': (SCREEN, ['batch32', 'batch16', 'b32-ch16', 'b32-lr2e-3', 'b32-k8'], (1, 2)),
+    'final': (list(SETS), ['base', 'batch32'], (1, 2, 4)),
     'before': (list(SETS), ['today'], (1, 2, 4)),
 }
 
 
 class Cells:
-    """The results of every cell, {"set|config": {...}}, in work/results.json, written after each change."""
+    """The results of every cell, {"set|config": {...}}, in work/results.json, written after each change. Sweeps
+    over different sets may run at once (one per core, `--sets`): each save merges this process's entries into the
+    file under a lock, so that none is lost."""
 
     def __init__(self, work):
         self.path = os.path.join(work, 'results.json')
-        self.all = json.load(open(self.path)) if os.path.isfile(self.path) else {}
+        self.all, self.mine = self._read(), set()
+
+    def _read(self):
+        return json.load(open(self.path)) if os.path.isfile(self.path) else {}
 
     def get(self, set_name, config):
-        """The entry of one cell (made empty if new)."""
+        """The entry of one cell (made empty if new), saved by this process from now on."""
+        self.mine.add(f'{set_name}|{config}')
         return self.all.setdefault(f'{set_name}|{config}', {})
 
+    def step_s(self, side):
+        """The kept seconds per step of each configuration on images of this side, {config: s}."""
+        self.mine.add('step_s')
+        return self.all.setdefault('step_s', {}).setdefault(side, {})
+
     def save(self):
-        with open(self.path + '.tmp', 'w') as f:
-            json.dump(self.all, f, indent=1, sort_keys=True)
-        os.replace(self.path + '.tmp', self.path)
+        import fcntl
+        with open(self.path + '.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = self._read()
+            for key in self.mine:
+                if key == 'step_s':
+                    for side, kept in self.all[key].items():
+                        disk.setdefault(key, {}).setdefault(side, {}).update(kept)
+                else:
+                    disk[key] = self.all[key]
+            with open(self.path + '.tmp', 'w') as f:
+                json.dump(disk, f, indent=1, sort_keys=True)
+            os.replace(self.path + '.tmp', self.path)
+            for key, value in disk.items():          # what other processes saved, without replacing our entries
+                if key not in self.mine:
+                    self.all[key] = value
 
 
 def cpu_per_step(dataset, flags):
@@ -203,7 +232,7 @@ def step_seconds(cells, dataset, config):
     measurements, kept for the whole sweep) times the configuration's cost relative to it, measured back to back.
     Other jobs on a shared machine slow both alike, so they change the ratio far less than either time."""
     side = f'{load_dataset(dataset).x.shape[-1]}px'
-    kept = cells.all.setdefault('step_s', {}).setdefault(side, {})
+    kept = cells.step_s(side)
     if 'base' not in kept:
         kept['base'] = min(cpu_per_step(dataset, CONFIGS['base']) for _ in range(3))
     if config not in kept:
@@ -251,6 +280,11 @@ def real_statistics(args, set_name, inception):
 def sweep(args):
     torch.set_num_threads(1)
     sets, configs, steps_list = STAGES[args.stage]
+    if args.sets:
+        unknown = sorted(set(args.sets.split(',')) - set(sets))
+        if unknown:
+            raise SystemExit(f'--sets: {", ".join(unknown)} not in stage {args.stage} ({", ".join(sets)})')
+        sets = [s for s in sets if s in args.sets.split(',')]
     cells, inception = Cells(args.work), digits.inception_net(args.weights)
     real = {s: real_statistics(args, s, inception) for s in sets}
     for config in configs:
@@ -299,6 +333,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='The small-image suite and sweep (see the module docstring).')
     p.add_argument('command', choices=['sets', 'sweep', 'report'], help='write the sets, run a stage, or print tables')
     p.add_argument('--stage', choices=list(STAGES), default='1', help='with sweep: which stage')
+    p.add_argument('--sets', help='with sweep: only these sets of the stage, comma-separated (to run one per core)')
     p.add_argument('--data', default='data/small-images', help='folder of the sets (.npz)')
     p.add_argument('--work', default='runs/small-images', help='folder for the runs, features and results.json')
     p.add_argument('--weights', help='FID Inception weights file (default: downloaded by fid.py)')
