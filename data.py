@@ -32,8 +32,9 @@ dimension to std sigma_d, the data scale the IMM schedules assume (docs/method.m
 (normalise_latents; denormalise_latents undoes it), per batch as train.py draws it: a Latents keeps the raw
 arrays memory-mapped from an uncompressed .npy / .npz (ImageNet's posterior means and stds in float16: 21 GB), or
 whole on the GPU when they fit, and gathers each batch's rows (Latents.batch).
-decode() maps the network's outputs back (to uint8 images, vector units, raw latents); save_image_grid and
-save_scatter write the pictures that train.py and sample.py show. EDM's augmentation of image batches is augment.py.
+decode() maps the network's outputs back (to uint8 images, vector units, raw latents); save_image_grid,
+save_scatter and save_side_by_side write the pictures that train.py and sample.py show. EDM's augmentation of
+image batches is augment.py.
 """
 
 import itertools
@@ -325,7 +326,7 @@ def _read_array(path, resolution):
                 raise UsageError(f"{path!r} holds arrays {keys}; expected one array, or 'x' (and optional 'labels')")
     else:
         array = loaded
-    if len(array) == 0:
+    if array.size == 0:
         raise UsageError(f"{path!r} holds an empty array {list(array.shape)}; expected {what}")
     if labels is not None:
         if labels.shape != (len(array),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
@@ -582,11 +583,33 @@ def save_image_grid(images, path, columns=None):
     Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
 
 
+def save_side_by_side(paths, labels, path, height=256, title=14, gap=8):
+    """The pictures at `paths` in one PNG, side by side, each under its label and enlarged by a whole factor
+    (nearest neighbour) to about `height` pixels: train.py shows its 1- and 2-step samples of the same noise so."""
+    from PIL import ImageDraw
+    panels = []
+    for source in paths:
+        with Image.open(source) as picture:
+            scale = max(1, height // picture.height)
+            panels.append(picture.convert('RGB').resize((scale * picture.width, scale * picture.height), Image.NEAREST))
+    canvas = Image.new('RGB', (sum(p.width for p in panels) + gap * (len(panels) - 1),
+                               title + max(p.height for p in panels)), 'white')
+    left = 0
+    for panel, label in zip(panels, labels):
+        ImageDraw.Draw(canvas).text((left + 2, 1), label, fill='black')
+        canvas.paste(panel, (left, title))
+        left += panel.width + gap
+    canvas.save(path)
+
+
 def save_scatter(points, path, extent=None, size=256):
-    """Write 2-D points [N, 2] as a density picture (darker = more points, log scale) on a white square.
+    """Write 2-D points [N, 2] (the first two columns of [N, D]; 1-D points on the x axis) as a density picture
+    (darker = more points, log scale) on a white square.
 
     extent = (lo, hi) is the plotted range on both axes; by default it is fitted to the points."""
     points = np.asarray(points, dtype=np.float64)[:, :2]
+    if points.shape[1] == 1:                                         # 1-D data: along the x axis, at y = 0
+        points = np.concatenate([points, np.zeros_like(points)], 1)
     points = points[np.isfinite(points).all(1)]
     if extent is None:
         lo, hi = (points.min(), points.max()) if len(points) else (-1.0, 1.0)

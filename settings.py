@@ -17,14 +17,18 @@ sample.py's defaults (the time grid and the guidance weight) in the same columns
     settings.sampling_defaults('latent', conditional=True)    # {'two_step_eta': None, 'guidance': 1.5}
 """
 import argparse
+import functools
+import math
 import os
 import re
 from dataclasses import dataclass
 
+import torch
+
 from augment import AUGMENT_DIM, AUGMENT_P
 from data import SIGMA_D
 from imm import IMMConfig
-from model import PRESETS
+from model import PRESETS, build_net
 from util import UsageError
 
 
@@ -228,13 +232,14 @@ def parser():
 def fill_defaults(args, data, init_config=None):
     """args with every setting left out (None) taken from its kind's column of TABLE (a new Namespace)."""
     args = argparse.Namespace(**vars(args))
-    takes_augment = init_config is None or init_config.get('augment_dim', 0) == AUGMENT_DIM
-    facts = {'labels': data.num_classes > 0, 'cifar10': args.dataset == 'cifar10' and takes_augment,
-             'posterior_std': data.kind == 'latent' and data.x.posterior_std is not None}
     table = defaults(kind_of(data, args.dataset))
     for key, value in table.items():                       # plain values first: a Follows may look at them
         if getattr(args, key) is None and not isinstance(value, Follows):
             setattr(args, key, value)
+    takes_augment = init_config.get('augment_dim', 0) == AUGMENT_DIM if init_config is not None \
+        else PRESETS[args.model]['arch'] == 'unet'         # a DiT has no augmentation input
+    facts = {'labels': data.num_classes > 0, 'cifar10': args.dataset == 'cifar10' and takes_augment,
+             'posterior_std': data.kind == 'latent' and data.x.posterior_std is not None}
     for key, rule in table.items():
         if getattr(args, key) is None and isinstance(rule, Follows):
             on = facts[rule.on] if rule.on in facts else getattr(args, rule.on)
@@ -335,7 +340,8 @@ def check_ranges(args, data):
 
 def network_config(args, data, init_config=None):
     """model.build_net's argument: --model's preset (or --init-from's network) fitted to the data's shape,
-    --channels, --dropout, and the augmentation-label input that --augment needs."""
+    --channels, --dropout, and the augmentation-label input that --augment needs; check_network refuses a network
+    that cannot run on the data."""
     shape = list(data.x.shape[1:])
     if init_config is not None:
         return init_network_config(args, data, init_config)
@@ -344,22 +350,95 @@ def network_config(args, data, init_config=None):
         if net_config['arch'] == 'unet':
             net_config['augment_dim'] = AUGMENT_DIM if args.augment else 0
         if data.kind == 'vector':
-            name = {'unet': 'U-Net', 'dit': 'DiT'}[net_config['arch']]
-            raise UsageError(f"--model {args.model} is a {name} for images, but {args.dataset!r} holds vectors "
-                             f"{shape}; use --model mlp")
+            raise UsageError(f"--model {args.model} is a {ARCH_NAMES[net_config['arch']]} for images, but "
+                             f"{args.dataset!r} holds vectors {shape}; use --model mlp")
         net_config.update(img_resolution=shape[1], in_channels=shape[0])
-        if args.channels:
-            net_config['model_channels' if net_config['arch'] == 'unet' else 'hidden_size'] = args.channels
+    elif data.kind != 'vector':
+        raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds {data.kind}s "
+                         f"{shape}; use a U-Net or DiT preset: {', '.join(k for k in PRESETS if k != args.model)}")
     else:
-        if data.kind != 'vector':
-            raise UsageError(f"--model {args.model} is an MLP for vectors, but {args.dataset!r} holds {data.kind}s "
-                             f"{shape}; use a U-Net or DiT preset: {', '.join(k for k in PRESETS if k != args.model)}")
         net_config['dim'] = shape[0]
-        if args.channels:
-            net_config['hidden'] = args.channels
+    if args.channels is not None:
+        net_config[WIDTH[net_config['arch']]] = args.channels
     if args.dropout is not None:
         net_config['dropout'] = args.dropout
+    check_network(net_config, args, data)
     return net_config
+
+
+# ---- What each network needs of the data and of its width (model.py); checked before anything is built
+
+WIDTH = {'unet': 'model_channels', 'dit': 'hidden_size', 'mlp': 'hidden'}   # the setting --channels sets
+ARCH_NAMES = {'unet': 'U-Net', 'dit': 'DiT', 'mlp': 'MLP'}
+
+
+def check_network(net_config, args, data):
+    """A UsageError naming the first setting with which the network of net_config cannot run on the data: an image
+    side the U-Net cannot halve or the DiT cannot cut into patches, a --channels its GroupNorms, heads or time
+    embedding cannot split, augmentation for a DiT, a --dropout that is not a probability. The presets' own
+    widths fit (tests/test_settings.py)."""
+    arch, side = net_config['arch'], net_config.get('img_resolution')
+    if args.dropout is not None and not 0 <= args.dropout <= 1:
+        raise UsageError(f"--dropout {args.dropout}: accepted a probability in [0, 1]")
+    if arch == 'dit' and args.augment:
+        raise UsageError(f"--augment {args.augment}: --model {args.model} is a DiT, which has no augmentation input "
+                         f"(the paper's ImageNet run uses none); pass --augment 0, or use a U-Net preset")
+    if arch in ('unet', 'dit') and side % _side_step(net_config):
+        step = _side_step(net_config)
+        how = f"halves the image side at each of its {len(net_config['channel_mult'])} levels but the last" \
+            if arch == 'unet' else f"cuts images into {step}x{step} patches"
+        takes = [p for p in PRESETS if PRESETS[p]['arch'] != 'mlp' and side % _side_step(PRESETS[p]) == 0]
+        fixes = ([f"--resolution {_nearest(lambda r: r % step == 0, side)} (crop and resize)"]
+                 if data.kind == 'image' else []) + ([f"one of --model {', '.join(takes)}"] if takes else [])
+        raise UsageError(f"--model {args.model} {how}, so the side must be a multiple of {step}; {args.dataset!r} "
+                         f"holds {data.kind}s of side {side}: "
+                         f"{'pass ' + ', or '.join(fixes) if fixes else 'no preset takes that side'}")
+    if args.channels is None:
+        return
+    if arch == 'unet':
+        multiples = sorted(_unet_multiples(args.model))
+        fits = lambda w: w >= 4 and w % 2 == 0 and all(_group_norm_fits(w * m) for m in multiples)  # noqa: E731
+        rule = (f"an even number >= 4 (the time embedding) such that every width in the network, --channels x "
+                f"{multiples}, splits into GroupNorm's min(32, width // 4) groups")
+    elif arch == 'dit':
+        heads = net_config['num_heads']
+        fits = lambda w: w > 0 and w % math.lcm(4, heads) == 0  # noqa: E731
+        rule = f"a multiple of 4 (the positional embedding) and of its {heads} heads"
+    else:
+        fits = lambda w: w >= 4 and w % 2 == 0  # noqa: E731
+        rule = "an even number >= 4 (the time embedding)"
+    if not fits(args.channels):
+        raise UsageError(f"--channels {args.channels}: the {ARCH_NAMES[arch]} of --model {args.model} needs {rule}; "
+                         f"accepted near {args.channels}: {_nearest(fits, args.channels)}")
+
+
+def _group_norm_fits(channels):
+    """model._group_norm's rule (EDM's): min(32, channels // 4) groups, at least one, that divide the channels."""
+    groups = min(32, channels // 4)
+    return groups >= 1 and channels % groups == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _unet_multiples(preset):
+    """{channels of every GroupNorm of a U-Net preset / its width}: built once on the meta device (no memory, no
+    arithmetic), so the rule is read off model.py's own network."""
+    config = PRESETS[preset]
+    with torch.device('meta'):
+        net = build_net(config)
+    widths = {m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
+    return frozenset(w // config['model_channels'] for w in widths)
+
+
+def _side_step(config):
+    """The image side of a U-Net or DiT config must be a multiple of this: 2 per halving, or the patch size."""
+    return 2 ** (len(config['channel_mult']) - 1) if config['arch'] == 'unet' else config['patch_size']
+
+
+def _nearest(fits, value):
+    """The nearest positive integers below and above `value` that fit, as 'a or b' (or the one above alone)."""
+    below = next((v for v in range(value - 1, 0, -1) if fits(v)), None)
+    above = next(v for v in range(max(value + 1, 1), abs(value) + 4096) if fits(v))
+    return f"{below} or {above}" if below else str(above)
 
 
 def init_network_config(args, data, config):

@@ -60,7 +60,7 @@ import checkpoint
 import settings
 from augment import AUGMENT_DIM, apply_augment, draw_augment
 from data import DEVICE_SHARE, Dataset, decode, encode, fits_on_device, load_dataset, save_image_grid, save_scatter, \
-    to_uint8
+    save_side_by_side, to_uint8
 from imm import draw_times, fm_loss, imm_loss, sample, sampling_times
 from model import build_net
 from plot import draw_log
@@ -362,8 +362,9 @@ class Output:
             print(f"warning: cannot write {self.path(name)} ({os_error_text(e)}); training goes on", file=sys.stderr)
 
     def pictures(self, ema, done):
-        """1- and 2-step samples of the EMA from the fixed noise: an image grid, or a 2-D density picture."""
-        data = self.info
+        """1- and 2-step samples of the EMA from the fixed noise (an image grid, or a 2-D density picture), and both
+        side by side, labelled: on small images a short run's 1-step samples can lag far behind its 2-step ones."""
+        data, paths = self.info, []
         for steps in (1, 2):
             x0 = sample(ema, self.noise, self.times(steps), self.cfg, self.labels, self.sampling['guidance'],
                         denoiser=self.args.loss == 'fm')
@@ -378,6 +379,10 @@ class Output:
                                                                   self.extent))
             if self.wandb and os.path.exists(self.path(name)):
                 self.wandb.log({f'samples_{steps}step': self.wandb.Image(self.path(name))}, step=done)
+            paths.append(self.path(name))
+        if all(map(os.path.exists, paths)):
+            self.write_picture(os.path.join('samples', f'{done:07d}-1and2step.png'),
+                               lambda tmp: save_side_by_side(paths, ['1 step', '2 steps'], tmp))
 
     def evaluate_fid(self, ema, autocast, done, say):
         """FID of --fid-n EMA samples at 1 and 2 steps, the same noise (and labels) each time; the best 2-step

@@ -3,7 +3,6 @@
 CIFAR-10 and MNIST are faked in their real on-disk formats (python pickles in cifar-10-batches-py, idx files in
 MNIST/raw), so nothing is downloaded.
 """
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repository root
 
-from data import SIGMA_D, TOYS, decode, load_dataset, make_toy, save_image_grid, save_scatter  # noqa: E402
+from data import (SIGMA_D, TOYS, decode, load_dataset, make_toy, save_image_grid, save_scatter,  # noqa: E402
+                  save_side_by_side)
 from util import UsageError  # noqa: E402
 
 
@@ -158,6 +158,7 @@ def test_npz_with_labels_and_float_vectors(tmp_path):
     (np.zeros(7, np.float32), 'float32 [7]'),                       # no sample axis
     (np.zeros((4, 8, 8, 5), np.uint8), 'uint8 [4, 8, 8, 5]'),       # no channel axis of 1 or 3
     (np.zeros((0, 2), np.float32), 'empty'),
+    (np.zeros((4, 0), np.float32), 'empty array [4, 0]'),          # vectors of no dimension
 ])
 def test_arrays_of_the_wrong_shape_or_dtype_are_refused(tmp_path, array, words):
     np.save(tmp_path / 'bad.npy', array)
@@ -230,3 +231,23 @@ def test_save_scatter_draws_points_dark_on_white(tmp_path):
     (row0, col0), = np.argwhere(pixels == 0)
     (row1, col1), = np.argwhere((pixels > 0) & (pixels < 255))
     assert row1 < row0 and col1 > col0
+
+
+def test_save_scatter_draws_one_dimensional_points_along_the_x_axis(tmp_path):
+    save_scatter(np.array([[-1.0]] * 5 + [[1.0]] * 5), tmp_path / 's.png', extent=(-2, 2), size=64)
+    with Image.open(tmp_path / 's.png') as picture:
+        rows = np.argwhere(np.asarray(picture) < 255)[:, 0]
+    assert len(rows) == 2 and rows[0] == rows[1] and abs(rows[0] - 31.5) < 1  # two dots at y = 0, mid-height
+
+
+def test_save_side_by_side_enlarges_each_picture_whole_under_its_label(tmp_path):
+    small = np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / 'a.png')
+    Image.fromarray(small[:, :, 0]).save(tmp_path / 'b.png')                 # grey
+    save_side_by_side([tmp_path / 'a.png', tmp_path / 'b.png'], ['1 step', '2 steps'], tmp_path / 'ab.png',
+                      height=40, title=14, gap=8)
+    both = np.asarray(Image.open(tmp_path / 'ab.png'))
+    assert both.shape == (14 + 40, 40 + 8 + 40, 3)                             # enlarged 4x, side by side
+    assert np.array_equal(both[14:, :40], small.repeat(4, 0).repeat(4, 1))
+    assert np.array_equal(both[14:, 48:], small[:, :, :1].repeat(3, 2).repeat(4, 0).repeat(4, 1))
+    assert (both[:14] < 128).any()                                             # the labels: dark text on white

@@ -84,7 +84,9 @@ def test_the_digits_fid_table_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
 def test_the_digits_guidance_table_on_a_tiny_budget(tmp_path, capsys):
     pytest.importorskip('sklearn', reason="scikit-learn ships the digits: pip install scikit-learn")
     import digits
-    digits.main(['guidance', '--iters', '2', '--work', str(tmp_path)])
+    digits.main(['guidance', '--iters', '2', '--work', str(tmp_path), '--flags', '--channels 16 --batch 16'])
+    config = torch.load(tmp_path / 'cond' / 'ckpt.pt', map_location='cpu', weights_only=True)['net_config']
+    assert config['model_channels'] == 16                                          # --flags reach the run
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')][1:]
     assert [row.split('|')[1].strip() for row in rows] == ['1.0', '1.5', '2.0', '3.0',
                                                            'real digits (5-fold held-out accuracy)']

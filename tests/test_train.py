@@ -61,8 +61,8 @@ def test_a_toy_run_writes_checkpoint_log_and_pictures(tmp_path):
     log = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert [e['step'] for e in log] == [2, 4, 6]
     assert {'loss', 'img_per_s', 'sec_per_step', 'eta_s'} <= set(log[0]) and all(np.isfinite(e['loss']) for e in log)
-    assert sorted(os.listdir(tmp_path / 'samples')) == ['0000003-1step.png', '0000003-2step.png',
-                                                          '0000006-1step.png', '0000006-2step.png']
+    assert sorted(os.listdir(tmp_path / 'samples')) == [f'000000{i}-{s}.png' for i in (3, 6)
+                                                          for s in ('1and2step', '1step', '2step')]
     assert (tmp_path / 'data.png').exists() and not [f for f in os.listdir(tmp_path) if '.tmp' in f]
 
 
@@ -189,10 +189,13 @@ def test_bench_prints_one_json_line(capsys):
     (['--model', 'tiny'], 'U-Net for images'),
     (['--cond', '--dataset', 'flat.npy'], 'has no labels'),
     (['--iters', '-1'], '--iters -1'),
+    (['--dataset', 'seven.npy'], "'seven.npy' holds images of side 7: pass --resolution 6 or 8"),
+    (['--channels', '5'], '--channels 5: the MLP of --model mlp needs an even number >= 4'),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / 'flat.npy', np.zeros((8, 2), np.float32) + np.arange(2))
+    np.save(tmp_path / 'seven.npy', np.zeros((8, 7, 7, 3), np.uint8))        # 7x7: the small U-Net halves 7
     with pytest.raises(UsageError, match=re.escape(message)):
         train.main(toy(tmp_path / 'run') + flags)
     assert not (tmp_path / 'run').exists()
@@ -300,7 +303,7 @@ def test_small_images_of_any_source_pick_the_small_image_defaults(side, name):
     assert args.iters == 7 and args.xflip
 
 
-@pytest.mark.parametrize('side, name', [(32, 'images'), (17, 'images'), (32, 'cifar10'), (16, 'cifar10')])
+@pytest.mark.parametrize('side, name', [(32, 'images'), (20, 'images'), (32, 'cifar10'), (16, 'cifar10')])
 def test_cifar10_and_larger_images_keep_the_papers_settings(side, name):
     args, *_ = settings(image_data(side=side, name=name))
     image = plain_defaults('image')
@@ -395,7 +398,8 @@ def test_a_few_steps_on_the_digits_train_the_small_unet_and_save_a_checkpoint(tm
     assert ckpt['net_config']['arch'] == 'unet' and ckpt['net_config']['img_resolution'] == 8
     assert ckpt['net_config']['in_channels'] == 1 and ckpt['net_config']['num_classes'] == 10
     assert ckpt['args']['model'] == 'small' and ckpt['args']['xflip'] is False
-    assert sorted(os.listdir(tmp_path / 'samples')) == ['0000002-1step.png', '0000002-2step.png']
+    assert sorted(os.listdir(tmp_path / 'samples')) == ['0000002-1and2step.png', '0000002-1step.png',
+                                                          '0000002-2step.png']
 
 
 # ---- what a cluster does to a run: signals, requeues, full disks
