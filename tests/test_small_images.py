@@ -43,14 +43,14 @@ def test_a_stage_on_a_tiny_budget_scores_each_cell_once_and_tabulates_it(tmp_pat
     tiny = small_images.vary(small_images.TODAY, batch=8, channels=8)
     monkeypatch.setitem(small_images.CONFIGS, 'base', tiny)
     monkeypatch.setitem(small_images.CONFIGS, 'ch16', small_images.vary(tiny, channels=16))
-    monkeypatch.setitem(small_images.CONFIGS, 'today', small_images.TODAY + ['--iters', '3'])
+    monkeypatch.setitem(small_images.CONFIGS, 'fixed', small_images.TODAY + ['--iters', '3'])
     monkeypatch.setitem(small_images.STAGES, 'tiny', (['digits'], ['base', 'ch16'], (1, 2)))
-    monkeypatch.setitem(small_images.STAGES, 'before', (['digits'], ['today'], (1, 2, 4)))
+    monkeypatch.setitem(small_images.STAGES, 'last', (['digits'], ['fixed'], (1, 2, 4)))
     work = ['--data', str(tmp_path), '--work', str(tmp_path / 'work')]
-    for stage in ('tiny', 'before'):
+    for stage in ('tiny', 'last'):
         small_images.main(['sweep', '--stage', stage, *work])
     cells = small_images.Cells(str(tmp_path / 'work')).all
-    assert cells['digits|today']['iters'] == 3 and {'fid1', 'fid2', 'fid4', 'train_s'} <= set(cells['digits|today'])
+    assert cells['digits|fixed']['iters'] == 3 and {'fid1', 'fid2', 'fid4', 'train_s'} <= set(cells['digits|fixed'])
     assert (cells['digits|base']['iters'], cells['digits|ch16']['iters']) == (20, 10)
     assert 'fid4' not in cells['digits|base']
     capsys.readouterr()
@@ -60,3 +60,18 @@ def test_a_stage_on_a_tiny_budget_scores_each_cell_once_and_tabulates_it(tmp_pat
     table = [line for line in out.splitlines() if line.startswith('| ')]
     assert table[0] == '| config | digits |' and [row.split('|')[1].strip() for row in table[1:]] == \
         ['base', 'ch16', 'floor']
+
+
+def test_two_sweeps_at_once_keep_each_others_results(tmp_path):
+    first, second = small_images.Cells(str(tmp_path)), small_images.Cells(str(tmp_path))
+    first.get('digits', 'base')['fid1'] = 1.0
+    first.step_s('8px')['base'] = 0.1
+    first.save()
+    second.get('patches-8', 'base')['fid1'] = 2.0
+    second.step_s('8px')['ch16'] = 0.05
+    second.save()                                   # written after the first, without reading its results itself
+    first.get('digits', 'base')['fid2'] = 3.0
+    first.save()
+    assert small_images.Cells(str(tmp_path)).all == {'digits|base': {'fid1': 1.0, 'fid2': 3.0},
+                                                      'patches-8|base': {'fid1': 2.0},
+                                                      'step_s': {'8px': {'base': 0.1, 'ch16': 0.05}}}
