@@ -4,6 +4,7 @@ that ships inside scikit-learn, and the sweep over them that chose the `small im
     python docs/small_images.py sets                               # write the sets: data/small-images/*.npz
     python docs/small_images.py sweep --stage 1 --weights default_1.pt   # one stage of the sweep (resumable)
     python docs/small_images.py report                             # the tables of every stage run so far
+    python docs/small_images.py picture                            # docs/small_images.png: real, 1 and 2 steps
 
 The sets (`python train.py --dataset data/small-images/NAME.npz` reads each; uint8 [N, H, W, C], labels where
 there are any): the 1,797 digits as they ship (`--dataset digits`), in colour on light grounds, inverted at 16x16,
@@ -327,17 +328,54 @@ def per_set(cells, sets, configs, steps_list, floors):
     return lines
 
 
+def run_picture(args, per_set=8, tile=32):
+    """docs/small_images.png: a row per set of the suite with real images, then 1-step and 2-step samples of the
+    `--config` run of the final stage (noise seed 0), each image enlarged to `tile` pixels with square pixels."""
+    from PIL import ImageDraw
+    rows, gap, label_w, title_h = [], 8, 130, 16
+
+    def strip(images):                                  # uint8 [N, C, H, W] -> [tile, N * (tile + 2) - 2, 3]
+        images = images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+        scale = tile // images.shape[1]
+        big = images.repeat(scale, 1).repeat(scale, 2)
+        padded = [np.pad(im, ((0, 0), (0, 2), (0, 0)), constant_values=255) for im in big]
+        return np.concatenate(padded, 1)[:, :-2]
+    for set_name in SETS:
+        real = load_dataset(dataset_of(set_name, args.data)).x
+        chosen = real[np.random.default_rng(0).choice(len(real), per_set, replace=False)]
+        path = os.path.join(args.work, 'runs', set_name, args.config, 'ckpt.pt')
+        if not os.path.isfile(path):
+            raise SystemExit(f'{path}: no run; first: python docs/small_images.py sweep --stage final')
+        panels = [strip(chosen)] + [strip(digits.generate(path, steps, per_set)) for steps in (1, 2)]
+        white = np.full((tile, gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([np.full((tile, label_w, 3), 255, np.uint8)] +
+                                   sum(([p, white] for p in panels), [])[:-1], 1))
+    body = np.concatenate(sum(([r, np.full((4, r.shape[1], 3), 255, np.uint8)] for r in rows), [])[:-1], 0)
+    picture = Image.fromarray(np.concatenate([np.full((title_h, body.shape[1], 3), 255, np.uint8), body], 0))
+    draw, width = ImageDraw.Draw(picture), per_set * (tile + 2) - 2 + gap
+    for i, label in enumerate(['real images', f'1 step ({args.config})', f'2 steps ({args.config})']):
+        draw.text((label_w + i * width, 2), label, fill='black')
+    for i, set_name in enumerate(SETS):
+        draw.text((2, title_h + i * (tile + 4) + tile // 2 - 6), set_name, fill='black')
+    picture.save(args.out)
+    return [f'wrote {args.out}: a row per set: real images, 1-step and 2-step samples of {args.config}']
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description='The small-image suite and sweep (see the module docstring).')
-    p.add_argument('command', choices=['sets', 'sweep', 'report'], help='write the sets, run a stage, or print tables')
+    p.add_argument('command', choices=['sets', 'sweep', 'report', 'picture'],
+                   help='write the sets, run a stage, print the tables, or draw docs/small_images.png')
     p.add_argument('--stage', choices=list(STAGES), default='1', help='with sweep: which stage')
     p.add_argument('--sets', help='with sweep: only these sets of the stage, comma-separated (to run one per core)')
     p.add_argument('--data', default='data/small-images', help='folder of the sets (.npz)')
     p.add_argument('--work', default='runs/small-images', help='folder for the runs, features and results.json')
     p.add_argument('--weights', help='FID Inception weights file (default: downloaded by fid.py)')
+    p.add_argument('--config', default='batch32', choices=list(CONFIGS), help='with picture: whose samples to show')
+    p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'small_images.png'),
+                   help='with picture: the PNG to write (default: docs/small_images.png)')
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
-    lines = {'sets': write_sets, 'sweep': sweep, 'report': report}[args.command](args)
+    lines = {'sets': write_sets, 'sweep': sweep, 'report': report, 'picture': run_picture}[args.command](args)
     print('\n'.join(lines))
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,6 +61,11 @@ def test_a_stage_on_a_tiny_budget_scores_each_cell_once_and_tabulates_it(tmp_pat
     table = [line for line in out.splitlines() if line.startswith('| ')]
     assert table[0] == '| config | digits |' and [row.split('|')[1].strip() for row in table[1:]] == \
         ['base', 'ch16', 'floor']
+    monkeypatch.setattr(small_images, 'SETS', {'digits': small_images.SETS['digits']})
+    small_images.main(['picture', '--config', 'ch16', '--out', str(tmp_path / 'p.png'), *work])
+    picture = np.asarray(Image.open(tmp_path / 'p.png'))
+    assert picture.shape == (16 + 32, 130 + 3 * (8 * 34 - 2) + 2 * 8, 3)   # title, one row of 3 x 8 tiles of 32
+    assert picture[16:, 130:130 + 30].std() > 0                              # the real digits are drawn
 
 
 def test_two_sweeps_at_once_keep_each_others_results(tmp_path):
