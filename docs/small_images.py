@@ -164,11 +164,14 @@ CONFIGS = {   # name: flags; a configuration without --iters trains for BUDGET_S
     # stage 2: batch 32, the best of stage 1 on every set at 1 step, with one more change each
     'batch16': vary(TODAY, batch=16), 'b32-ch16': vary(TODAY, batch=32, channels=16),
     'b32-lr2e-3': vary(TODAY, batch=32, lr=2e-3), 'b32-k8': vary(TODAY, batch=32, k=8),
+    # stage 3: the two changes that helped most in stage 2 (a smaller batch, a narrower net), pushed one step further
+    'b16-ch16': vary(TODAY, batch=16, channels=16), 'b32-ch8': vary(TODAY, batch=32, channels=8),
 }
 SCREEN = ['digits-colour', 'digits-texture-16', 'patches-16']
 STAGES = {   # stage: (sets, configurations, sampling steps scored)
     '1': (SCREEN, ['base', 'batch64', 'ch16', 'batch32', 'lr2e-3'], (1, 2)),
     '2': (SCREEN, ['batch32', 'batch16', 'b32-ch16', 'b32-lr2e-3', 'b32-k8'], (1, 2)),
+    '3': (SCREEN, ['b32-ch16', 'b16-ch16', 'b32-ch8'], (1, 2)),
     'final': (list(SETS), ['base', 'batch32'], (1, 2, 4)),
 }
 
