@@ -175,7 +175,8 @@ STAGES = {   # stage: (sets, configurations, sampling steps scored)
     '1': (SCREEN, ['base', 'batch64', 'ch16', 'batch32', 'lr2e-3'], (1, 2)),
     '2': (SCREEN, ['batch32', 'batch16', 'b32-ch16', 'b32-lr2e-3', 'b32-k8'], (1, 2)),
     '3': (SCREEN, ['b32-ch16', 'b16-ch16', 'b32-ch8'], (1, 2)),
-    'final': (list(SETS), ['base', CHOSEN], (1, 2, 4)),
+    'before': (list(SETS), ['base'], (1, 2)),
+    'final': (list(SETS), [CHOSEN], (1, 2, 4)),
     'default16': (['digits-texture-16', 'patches-16'], ['default'], (1, 2, 4)),
 }
 
