@@ -66,7 +66,8 @@ TABLE = [
      "the release (after EDM2): a fresh latent mean + std * n at each use; the mean where the file has no std (images, vectors: not used)"),
     # -- network
     ('model',      'ddpmpp',    'small',      'mlp',       'dit-xl2',   "Table 5: DDPM++; App. I: DiT-XL/2; a small U-Net and an MLP sized for a CPU (docs/experiments.md)"),
-    ('channels',   None,        None,         64,          None,        "the preset's width; a 64-wide MLP for 2-D toys (docs/experiments.md)"),
+    ('channels',   None,        Follows('model', {'small': 16}, None), 64, None,
+     "the preset's width; the small U-Net at 16 on small images (the sweep over six sets, docs/experiments.md section 5); a 64-wide MLP for 2-D toys"),
     # -- method (imm.IMMConfig, docs/method.md)
     ('particles',  4,           4,            4,           4,           "Table 5, App. I: M = 4"),
     ('schedule',   'fm',        'fm',         'fm',        'fm',        "Table 5, App. I: the flow-matching schedule"),
@@ -80,8 +81,8 @@ TABLE = [
     ('min_gap',    0.0,         0.0,          0.0,         1e-4,        "App. I.6: r <= t - 1e-4 with fp16; off in fp32 and tf32"),
     ('target_fp32', True,       True,         True,        True,        "ours: the stop-gradient target in fp32 under bf16/fp16 keeps it sharp (App. I.6 trains in fp16)"),
     # -- optimisation
-    ('iters',      400_000,     1500,         6000,        1_200_000,   "Table 5: 400k; App. I: 1.2M; CPU budgets of a few minutes (docs/experiments.md)"),
-    ('batch',      4096,        128,          512,         4096,        "Table 5, App. I: 4096; CPU budgets (docs/experiments.md)"),
+    ('iters',      400_000,     7500,         6000,        1_200_000,   "Table 5: 400k; App. I: 1.2M; CPU budgets of about 5 minutes (8x8 images; docs/experiments.md)"),
+    ('batch',      4096,        32,           512,         4096,        "Table 5, App. I: 4096; CPU budgets: more, smaller steps won at 5 minutes (docs/experiments.md)"),
     ('optimizer',  'radam',     'radam',      'radam',     'adamw',     "Table 5: RAdam; App. I: AdamW; both betas (0.9, 0.999), eps 1e-8, no weight decay"),
     ('lr',         1e-4,        1e-3,         2e-3,        1e-4,        "Table 5, App. I: 1e-4; larger for the small CPU nets (docs/experiments.md)"),
     ('ema',        0.9999,      0.995,        0.99,        0.9999,      "Table 5, App. I: 0.9999; shorter for runs of a few thousand steps"),
