@@ -585,12 +585,13 @@ def save_image_grid(images, path, columns=None):
 
 def save_side_by_side(paths, labels, path, height=256, title=14, gap=8):
     """The pictures at `paths` in one PNG, side by side, each under its label and enlarged by a whole factor
-    (nearest neighbour) to about `height` pixels: train.py shows its 1- and 2-step samples of the same noise so."""
+    (nearest neighbour) to the nearest multiple of its height to `height` pixels: train.py shows its 1- and 2-step
+    samples of the same noise so."""
     from PIL import ImageDraw
     panels = []
     for source in paths:
         with Image.open(source) as picture:
-            scale = max(1, height // picture.height)
+            scale = max(1, round(height / picture.height))       # 16x16 grids (137 px high) twice, not once
             panels.append(picture.convert('RGB').resize((scale * picture.width, scale * picture.height), Image.NEAREST))
     canvas = Image.new('RGB', (sum(p.width for p in panels) + gap * (len(panels) - 1),
                                title + max(p.height for p in panels)), 'white')

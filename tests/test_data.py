@@ -251,3 +251,5 @@ def test_save_side_by_side_enlarges_each_picture_whole_under_its_label(tmp_path)
     assert np.array_equal(both[14:, :40], small.repeat(4, 0).repeat(4, 1))
     assert np.array_equal(both[14:, 48:], small[:, :, :1].repeat(3, 2).repeat(4, 0).repeat(4, 1))
     assert (both[:14] < 128).any()                                             # the labels: dark text on white
+    save_side_by_side([tmp_path / 'a.png'], ['1 step'], tmp_path / 'a2.png', height=17, title=14)
+    assert np.asarray(Image.open(tmp_path / 'a2.png')).shape == (14 + 20, 20, 3)   # 1.7 rounds to 2, not down to 1
