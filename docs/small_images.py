@@ -23,6 +23,7 @@ Run it as one process with OMP_NUM_THREADS=1: every run and every Inception pass
 import argparse
 import colorsys
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -204,7 +205,6 @@ class Cells:
         return self.all.setdefault('step_s', {}).setdefault(side, {})
 
     def save(self):
-        import fcntl
         with open(self.path + '.lock', 'w') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             disk = self._read()
